@@ -1,0 +1,1 @@
+"""pixelmill: raw images -> Parquet -> Horovod-on-Spark training -> predictions."""

@@ -1,0 +1,171 @@
+"""Command-line contract shared by ``jobs/*.py`` (spark-submit) and ``python -m pipeline``.
+
+Every stage takes ``[--config FILE]... [--set key=value]...`` plus its own
+flags. Errors are one line on stderr; exit codes (see :mod:`pipeline.errors`):
+0 ok, 1 the job failed, 2 bad arguments/config, 3 output exists.
+The last line on stdout of a successful run is a JSON summary of the stage.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError, PixelmillError
+from pipeline.storage import to_uri
+
+log = logging.getLogger("pipeline")
+STAGES = ("ingest", "train", "score")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML overlay on conf/base.yaml (repeatable; e.g. conf/local.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config key, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser(stage: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog or f"pixelmill {stage}", description=_DESCRIPTIONS[stage])
+    if stage == "ingest":
+        p.add_argument("--input", required=True, help="raw images: <input>/[<split>/]<label>/.../<file>")
+        p.add_argument("--output", required=True, help="ingest output: images/, rejects/, _manifest.json")
+        p.add_argument("--mode", default="error", choices=["error", "overwrite", "append"])
+    elif stage == "train":
+        p.add_argument("--data", required=True, help="an ingest output")
+        p.add_argument("--model-dir", required=True, help="checkpoints, history, exported model")
+        p.add_argument("--num-proc", type=int, help="Horovod processes (overrides train.num_proc)")
+        p.add_argument("--epochs", type=int, help="total epochs (overrides train.epochs)")
+        p.add_argument("--mode", default="resume", choices=["resume", "overwrite"])
+    elif stage == "score":
+        p.add_argument("--data", required=True, help="an ingest output")
+        p.add_argument("--model", required=True, help="a training --model-dir or its model/")
+        p.add_argument("--output", required=True, help="where predictions/ and _metrics.json go")
+        p.add_argument("--split", default="test", help="split to score: train, val, test or all")
+        p.add_argument("--mode", default="error", choices=["error", "overwrite"])
+    else:  # pragma: no cover
+        raise ValueError(stage)
+    _common(p)
+    return p
+
+
+_DESCRIPTIONS = {
+    "ingest": "Clean raw images into split-partitioned Parquet; every file ends in images/ or rejects/.",
+    "train": "Data-parallel training with Horovod on Spark executors; resumes from checkpoints.",
+    "score": "Distributed batch scoring of an ingest output back to Parquet, with metrics when labelled.",
+}
+
+
+def parse_args(stage: str, argv: Sequence[str], prog: Optional[str] = None) -> argparse.Namespace:
+    return build_parser(stage, prog).parse_args(list(argv))
+
+
+def stage_overrides(stage: str, args: argparse.Namespace) -> List[str]:
+    """Stage flags that are shorthands for config keys."""
+    out: List[str] = []
+    if stage == "train":
+        if args.num_proc is not None:
+            out.append(f"train.num_proc={args.num_proc}")
+        if args.epochs is not None:
+            out.append(f"train.epochs={args.epochs}")
+    return out
+
+
+def load_stage_config(stage: str, args: argparse.Namespace) -> Config:
+    return load_config(args.config, list(args.overrides) + stage_overrides(stage, args))
+
+
+def stage_kwargs(stage: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """Keyword arguments of ``pipeline.<stage>.run`` from parsed flags (URIs normalised)."""
+    if stage == "ingest":
+        return {"input_uri": to_uri(args.input), "output_uri": to_uri(args.output), "mode": args.mode}
+    if stage == "train":
+        return {"data_uri": to_uri(args.data), "model_dir": to_uri(args.model_dir), "mode": args.mode}
+    if stage == "score":
+        if args.split not in ("train", "val", "test", "all"):
+            raise ConfigError(f"--split must be one of train, val, test, all (got {args.split!r})")
+        return {"data_uri": to_uri(args.data), "model_uri": to_uri(args.model),
+                "output_uri": to_uri(args.output), "split": args.split, "mode": args.mode}
+    raise ValueError(stage)  # pragma: no cover
+
+
+def stage_runner(stage: str) -> Callable[..., Dict[str, Any]]:
+    return importlib.import_module(f"pipeline.{stage}").run
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("py4j", "matplotlib", "PIL", "absl", "h5py", "petastorm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def report_error(prog: str, err: BaseException) -> int:
+    """Print one line for ``err`` and return the exit code."""
+    if isinstance(err, PixelmillError):
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    log.exception("%s failed", prog)
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    print(f"{prog}: error: {type(err).__name__}: {first}", file=sys.stderr)
+    return 1
+
+
+def prepare(stage: str, argv: Sequence[str], prog: Optional[str] = None) -> Tuple[Config, Dict[str, Any]]:
+    """Parse flags and load the config: everything that can fail before Spark starts."""
+    args = parse_args(stage, argv, prog)
+    setup_logging(args.log_level)
+    cfg = load_stage_config(stage, args)
+    return cfg, stage_kwargs(stage, args)
+
+
+def emit_summary(summary: Dict[str, Any]) -> None:
+    print(json.dumps(summary, sort_keys=True, default=str), flush=True)
+
+
+def run_stage(stage: str, argv: Sequence[str], prog: Optional[str] = None) -> int:
+    """Parse, configure, build the session, run the stage, stop the session."""
+    from pipeline.spark import build_session
+
+    prog = prog or f"pixelmill {stage}"
+    try:
+        cfg, kwargs = prepare(stage, argv, prog)
+        spark = build_session(cfg.spark, app_suffix=stage)
+        try:
+            summary = stage_runner(stage)(spark, cfg, **kwargs)
+        finally:
+            spark.stop()
+        emit_summary(summary)
+        return 0
+    except SystemExit as e:
+        return int(e.code or 0)
+    except BaseException as e:  # noqa: BLE001 - the CLI turns everything into an exit code
+        return report_error(prog, e)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        usage = f"usage: pixelmill {{{','.join(STAGES)}}} [--config FILE] [--set KEY=VALUE]... [stage flags]"
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"pixelmill: error: unknown stage {argv[0]!r}: choose one of {', '.join(STAGES)}", file=sys.stderr)
+            return 2
+        print(usage)
+        return 0 if argv else 2
+    return run_stage(argv[0], argv[1:])

@@ -1,0 +1,313 @@
+"""Typed, validated configuration loaded from YAML files in ``conf/``.
+
+The schema is declared once, here, as frozen pydantic models; defaults live in
+the models so an installed wheel works without the repository. Loading order:
+
+1. ``conf/base.yaml`` (when the conf directory is found),
+2. each ``--config FILE`` in the order given,
+3. each ``--set a.b=value`` override (value parsed as YAML: ``3``, ``true``,
+   ``[1, 2]``, ``null``).
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
+with one line naming the key, e.g.
+``config key 'train.epochs': Input should be greater than or equal to 1 (got 0)``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+CONF_DIR_ENV = "PIXELMILL_CONF_DIR"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SparkConfig(_Section):
+    """How the SparkSession is built (see :mod:`pipeline.spark`)."""
+
+    #: Master URL; ignored when spark-submit already set one. ``null`` = require spark-submit's.
+    master: Optional[str] = "local[2]"
+    app_name: str = "pixelmill"
+    log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "OFF"] = "WARN"
+    ui_enabled: bool = True
+    #: Extra Spark confs, applied after pixelmill's small-machine defaults.
+    conf: Dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _stringify(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {str(k): (str(x).lower() if isinstance(x, bool) else str(x)) for k, x in v.items()}
+        return v
+
+
+class IngestConfig(_Section):
+    """Cleaning, normalising and partitioning raw images (see :mod:`pipeline.ingest`)."""
+
+    image_extensions: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+    #: Stored image size, (height, width): training reads exactly these bytes.
+    height: int = Field(64, ge=8, le=4096)
+    width: int = Field(64, ge=8, le=4096)
+    color_mode: Literal["RGB", "L"] = "RGB"
+    resize_policy: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    encode_format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    min_side: int = Field(8, ge=1)
+    #: Decompression-bomb limit: images with more pixels are rejected before a full decode.
+    max_pixels: int = Field(40_000_000, ge=64)
+    max_file_mb: int = Field(256, ge=1)
+    animated: Literal["first_frame", "reject"] = "first_frame"
+    #: Fractions used when the input layout does not give the split.
+    split_fractions: Dict[Literal["train", "val", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    label_source: Literal["folders", "manifest", "none"] = "folders"
+    #: CSV ``path,label`` used when label_source is ``manifest``.
+    manifest_uri: Optional[str] = None
+    allow_new_classes: bool = False
+    #: Target size of one Parquet file.
+    target_file_mb: int = Field(64, ge=1)
+    #: Largest number of training processes; the train split gets >= 4x this many row groups.
+    max_train_procs: int = Field(8, ge=1, le=1024)
+    #: Rows per Arrow batch handed to Python workers.
+    batch_rows: int = Field(64, ge=1, le=100_000)
+    #: Seed for the within-split row shuffle and the hash split.
+    seed: int = 0
+
+    @field_validator("image_extensions", mode="after")
+    @classmethod
+    def _norm_ext(cls, v: Tuple[str, ...]) -> Tuple[str, ...]:
+        out = []
+        for e in v:
+            e = e.strip().lower()
+            if not e:
+                raise ValueError("empty extension")
+            out.append(e if e.startswith(".") else "." + e)
+        return tuple(out)
+
+    @field_validator("split_fractions", mode="after")
+    @classmethod
+    def _fractions(cls, v: Dict[str, float]) -> Dict[str, float]:
+        if any(x < 0 for x in v.values()):
+            raise ValueError(f"fractions must be >= 0, got {v}")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1.0, got {sum(v.values()):.4f}")
+        if v.get("train", 0) <= 0:
+            raise ValueError("train fraction must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _manifest(self) -> "IngestConfig":
+        if self.label_source == "manifest" and not self.manifest_uri:
+            raise ValueError("label_source 'manifest' needs ingest.manifest_uri")
+        return self
+
+
+class AugmentConfig(_Section):
+    flip_left_right: bool = True
+    #: Pad by this many pixels then randomly crop back (0 = off).
+    crop_pad: int = Field(0, ge=0, le=64)
+
+
+class LoaderConfig(_Section):
+    """Petastorm readers into tf.data (see :mod:`pipeline.dataset`)."""
+
+    reader_pool_type: Literal["thread", "process", "dummy"] = "thread"
+    workers_count: int = Field(2, ge=1, le=64)
+    results_queue_size: int = Field(8, ge=1, le=1024)
+    shuffle_buffer: int = Field(4096, ge=0)
+    #: ``manifest`` = per-channel mean/std recorded by ingest; ``unit`` = x/255; ``none`` = raw 0..255.
+    normalize: Literal["manifest", "unit", "none"] = "manifest"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    prefetch: int = Field(-1, ge=-1, description="-1 = AUTOTUNE")
+
+
+class EarlyStoppingConfig(_Section):
+    metric: Literal["val_loss", "val_accuracy"] = "val_accuracy"
+    patience: int = Field(3, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Section):
+    """Horovod-on-Spark training (see :mod:`pipeline.train`)."""
+
+    model: Literal["compact_cnn", "resnet"] = "compact_cnn"
+    num_proc: int = Field(2, ge=1, le=1024)
+    epochs: int = Field(10, ge=1, le=10_000)
+    #: Per-process batch size.
+    batch_size: int = Field(64, ge=1, le=65_536)
+    #: Learning rate for one process; scaled linearly by the number of processes.
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    warmup_epochs: float = Field(1.0, ge=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.25, ge=0, lt=1)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    seed: int = 42
+    mixed_precision: bool = False
+    #: TensorFlow threads per process (0 = TF default).
+    intra_op_threads: int = Field(0, ge=0)
+    inter_op_threads: int = Field(0, ge=0)
+    #: Seconds to wait for all Horovod processes to start.
+    start_timeout: int = Field(120, ge=5)
+    #: Seconds one training step may take before a silent rank is declared dead.
+    step_timeout: int = Field(300, ge=5)
+    #: Network interfaces Horovod may use (``["lo"]`` keeps local runs on loopback); null = let Horovod pick.
+    nics: Optional[Tuple[str, ...]] = ("lo",)
+    verbose: int = Field(1, ge=0, le=2)
+
+
+class ScoreConfig(_Section):
+    """Distributed batch scoring (see :mod:`pipeline.score`)."""
+
+    batch_size: int = Field(256, ge=1, le=65_536)
+    top_k: int = Field(3, ge=1, le=100)
+    #: Column the predictions are partitioned by (null = unpartitioned).
+    partition_by: Optional[Literal["split", "pred_label", "label"]] = "split"
+
+
+class Config(_Section):
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able dict, with secret-looking Spark confs redacted."""
+        d = self.model_dump(mode="json")
+        d["spark"]["conf"] = redact_conf(d["spark"]["conf"])
+        return d
+
+
+_SECRET = re.compile(r"(secret|password|passwd|token|credential|access\.?key|private)", re.IGNORECASE)
+
+
+def redact_conf(conf: Mapping[str, str]) -> Dict[str, str]:
+    """Replace the values of keys that look like secrets with ``*********(redacted)``."""
+    return {k: ("*********(redacted)" if _SECRET.search(k) else v) for k, v in conf.items()}
+
+
+def conf_dir() -> Optional[Path]:
+    """The conf directory: ``$PIXELMILL_CONF_DIR`` or ``conf/`` next to the package."""
+    env = os.environ.get(CONF_DIR_ENV)
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[1] / "conf"
+    return here if here.is_dir() else None
+
+
+def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k != "conf":
+            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> Tuple[Tuple[str, ...], Any]:
+    """``'train.epochs=3'`` -> ``(('train', 'epochs'), 3)``."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set expects KEY=VALUE with a dotted key such as train.epochs=3, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = tuple(key.split("."))
+    # Spark confs have dots in their own names: spark.conf.spark.sql.x=1
+    if parts[:2] == ("spark", "conf") and len(parts) > 2:
+        parts = ("spark", "conf", ".".join(parts[2:]))
+    return parts, value
+
+
+def _apply_override(data: Dict[str, Any], parts: Sequence[str], value: Any) -> None:
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        section = e["loc"][:-1]
+        model: Any = Config
+        for s in section:
+            f = model.model_fields.get(str(s))
+            model = f.annotation if f is not None else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                model = None
+                break
+        allowed = ", ".join(sorted(model.model_fields)) if model else ""
+        return f"unknown config key '{key}'" + (f" (allowed: {allowed})" if allowed else "")
+    if e["type"] == "literal_error":
+        return f"config key '{key}': {msg} (got {e.get('input')!r})"
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config key '{key}': {msg}{got_s}"
+
+
+def load_config(
+    config_files: Sequence[str | os.PathLike[str]] = (),
+    overrides: Sequence[str] = (),
+    *,
+    use_base: bool = True,
+) -> Config:
+    """Load ``base.yaml`` + ``config_files`` + ``overrides`` into a validated :class:`Config`.
+
+    Examples
+    --------
+    >>> cfg = load_config(overrides=["train.epochs=3"])
+    >>> cfg.train.epochs
+    3
+    """
+    data: Dict[str, Any] = {}
+    base_dir = conf_dir()
+    if use_base and base_dir is not None and (base_dir / "base.yaml").is_file():
+        data = _deep_merge(data, _read_yaml(base_dir / "base.yaml"))
+    for f in config_files:
+        p = Path(f)
+        if not p.is_file() and base_dir is not None and (base_dir / p).is_file():
+            p = base_dir / p  # allow "--config gpu.yaml"
+        data = _deep_merge(data, _read_yaml(p))
+    for item in overrides:
+        parts, value = parse_override(item)
+        _apply_override(data, parts, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

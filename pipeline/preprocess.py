@@ -1,0 +1,165 @@
+"""Decode and normalise stored image bytes: one implementation for training and scoring.
+
+The loader (:mod:`pipeline.dataset`) uses the TensorFlow functions inside
+``tf.data``; scoring (:mod:`pipeline.score`) uses the numpy batch function in
+Spark's Python workers. Both check the encoded header against the expected size
+*before* decoding, so a decompression bomb planted in the Parquet is refused in
+every decode path, not only at ingest.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What every stored image is: size, channels and encoding (from the ingest manifest)."""
+
+    height: int
+    width: int
+    channels: int
+    format: str = "png"
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> "ImageSpec":
+        img = manifest["image"]
+        return cls(int(img["height"]), int(img["width"]), int(img["channels"]), str(img.get("format", "png")))
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """``(x - mean) / std`` per channel, on pixel values in 0..255."""
+
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+    @classmethod
+    def from_mode(cls, mode: str, manifest: Optional[Mapping[str, Any]], channels: int) -> "Normalization":
+        if mode == "none":
+            return cls((0.0,) * channels, (1.0,) * channels)
+        if mode == "unit":
+            return cls((0.0,) * channels, (255.0,) * channels)
+        if mode == "manifest":
+            stats = (manifest or {}).get("stats") or {}
+            mean, std = stats.get("mean"), stats.get("std")
+            if not mean or not std or len(mean) != channels or len(std) != channels:
+                raise DataError(
+                    "the ingest manifest has no per-channel stats.mean/stats.std: "
+                    "re-run ingest, or set loader.normalize=unit"
+                )
+            return cls(tuple(float(m) for m in mean), tuple(max(float(s), 1e-3) for s in std))
+        raise DataError(f"unknown normalization mode {mode!r}")
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Normalization":
+        return cls(tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]))
+
+
+# --- headers: size before decode --------------------------------------------
+
+def header_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` from a PNG or JPEG header without decoding pixels, else None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return int(w), int(h)
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        n = len(data)
+        while i + 9 < n:
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                h, w = struct.unpack(">HH", data[i + 5:i + 9])
+                return int(w), int(h)
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            seg = struct.unpack(">H", data[i + 2:i + 4])[0]
+            i += 2 + seg
+        return None
+    return None
+
+
+def check_header(data: bytes, spec: ImageSpec) -> None:
+    """Raise DataError unless the encoded header says exactly ``spec``'s size."""
+    size = header_size(data)
+    if size is None:
+        raise DataError(f"stored image is not a readable {spec.format.upper()} (re-run ingest)")
+    if size != (spec.width, spec.height):
+        raise DataError(
+            f"stored image is {size[0]}x{size[1]}, expected {spec.width}x{spec.height}: "
+            "the data was not written by this ingest (re-run ingest)"
+        )
+
+
+# --- numpy path (scoring) -----------------------------------------------------
+
+def decode_batch(images: Sequence[bytes], spec: ImageSpec) -> np.ndarray:
+    """Decode encoded images into a float32 ``(n, h, w, c)`` array of 0..255 values."""
+    from PIL import Image
+
+    out = np.empty((len(images),) + spec.shape, dtype=np.float32)
+    for i, data in enumerate(images):
+        check_header(data, spec)
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.shape != spec.shape:
+            raise DataError(f"decoded image has shape {arr.shape}, expected {spec.shape} (re-run ingest)")
+        out[i] = arr
+    return out
+
+
+def normalize_np(x: np.ndarray, norm: Normalization) -> np.ndarray:
+    return (x - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)
+
+
+# --- TensorFlow path (training) -----------------------------------------------
+
+def tf_decode(image: Any, spec: ImageSpec, max_pixels: Optional[int] = None) -> Any:
+    """Decode one encoded image tensor into float32 ``(h, w, c)`` with 0..255 values.
+
+    PNG headers are checked against ``spec`` before the pixels are decoded.
+    """
+    import tensorflow as tf
+
+    limit = int(max_pixels or spec.height * spec.width)
+    if spec.format == "png":
+        wh = tf.io.decode_raw(tf.strings.substr(image, 16, 8), tf.int32, little_endian=False)
+        pixels = tf.cast(wh[0], tf.int64) * tf.cast(wh[1], tf.int64)
+        with tf.control_dependencies([tf.debugging.assert_less_equal(
+                pixels, tf.constant(limit, tf.int64),
+                message="stored PNG is larger than the manifest's image size (re-run ingest)")]):
+            x = tf.io.decode_png(image, channels=spec.channels)
+    else:
+        shape = tf.image.extract_jpeg_shape(image)
+        pixels = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
+        with tf.control_dependencies([tf.debugging.assert_less_equal(
+                pixels, tf.constant(limit, tf.int64),
+                message="stored JPEG is larger than the manifest's image size (re-run ingest)")]):
+            x = tf.io.decode_jpeg(image, channels=spec.channels)
+    x = tf.ensure_shape(x, spec.shape)
+    return tf.cast(x, tf.float32)
+
+
+def tf_normalize(x: Any, norm: Normalization) -> Any:
+    import tensorflow as tf
+
+    return (x - tf.constant(norm.mean, tf.float32)) / tf.constant(norm.std, tf.float32)
