@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+import pandas as pd  # module level: pandas UDF type hints are resolved against module globals
+
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
@@ -62,7 +64,6 @@ def check_horovod(num_proc: int = 2, nics: Optional[Sequence[str]] = ("lo",), st
 
 
 def check_arrow_udf(spark: "SparkSession") -> int:
-    import pandas as pd
     from pyspark.sql import functions as F
 
     @F.pandas_udf("long")

@@ -66,7 +66,8 @@ def test_spark_submit_job_rejects_bad_flag(repo_root, stage):
         capture_output=True, text=True, timeout=180, env=env,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"jobs/{stage}.py: error:" in proc.stderr
+    # spark-submit merges the Python driver's stderr into its stdout.
+    assert f"jobs/{stage}.py: error:" in proc.stdout + proc.stderr
 
 
 def test_console_script_and_module_help(repo_root):
