@@ -175,6 +175,9 @@ class ScoreConfig(_Section):
     top_k: int = Field(3, ge=1, le=100)
     #: Column the predictions are partitioned by (null = unpartitioned).
     partition_by: Optional[Literal["split", "pred_label", "label"]] = "split"
+    #: TensorFlow threads per Python worker; 1 keeps N task slots on N cores (0 = TF default).
+    intra_op_threads: int = Field(1, ge=0, le=256)
+    inter_op_threads: int = Field(1, ge=0, le=256)
 
 
 class Config(_Section):
