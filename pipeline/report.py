@@ -1,0 +1,152 @@
+"""A one-page HTML report of a pipeline run that a person can read in a minute.
+
+Built from what the stages committed (ingest manifest, model.json, history.csv,
+training_curves.png, _metrics.json, confusion_matrix.png); it recomputes
+nothing that a stage already measured.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _table(headers: List[str], rows: List[List[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def class_balance_png(manifest: Mapping[str, Any], path: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = manifest.get("class_counts") or {}
+    if not counts:
+        return None
+    labels = sorted(counts, key=lambda k: manifest.get("classes", {}).get(k, 0))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(range(len(labels)), [counts[k] for k in labels], color="#4477aa")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("images")
+    ax.set_title("Accepted images per class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def per_class_rows(metrics: Mapping[str, Any]) -> List[List[Any]]:
+    per = metrics.get("per_class") or {}
+    rows = []
+    for label, m in sorted(per.items(), key=lambda kv: kv[1].get("index", 0) if isinstance(kv[1], dict) else 0):
+        rows.append([label, m.get("precision"), m.get("recall"), m.get("f1"), m.get("support")])
+    return rows
+
+
+def summary_table(manifest: Mapping[str, Any], model_meta: Mapping[str, Any], metrics: Mapping[str, Any],
+                  stages: Mapping[str, Mapping[str, Any]]) -> str:
+    """A plain-text summary for the terminal."""
+    lines = [
+        f"{'stage':<8} {'seconds':>8} {'images':>8} {'images/s':>9}  notes",
+        "-" * 64,
+    ]
+    for name, s in stages.items():
+        note = ""
+        if name == "ingest":
+            note = f"accepted {s.get('accepted')}, rejected {s.get('rejected')}"
+        elif name == "train":
+            note = f"epochs {s.get('epochs')}, val_accuracy {_fmt(s.get('val_accuracy'))}"
+        elif name == "score":
+            note = f"test accuracy {_fmt(s.get('accuracy'))}"
+        lines.append(f"{name:<8} {_fmt(s.get('seconds')):>8} {_fmt(s.get('images')):>8} "
+                     f"{_fmt(s.get('images_per_second'), 0):>9}  {note}")
+    lines.append("-" * 64)
+    lines.append(f"splits {manifest.get('splits')}  rejects {manifest.get('rejected')}")
+    lines.append(f"test accuracy {_fmt(metrics.get('accuracy'))} on {_fmt(metrics.get('count'))} images; "
+                 f"model {model_meta.get('model_id')}")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir: Path,
+                 stages: Mapping[str, Mapping[str, Any]], wall_seconds: float) -> Path:
+    """Write ``out_dir/index.html`` (+ PNGs next to it); returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((Path(ingest_dir) / "_manifest.json").read_text())
+    model_meta = json.loads((Path(model_dir) / "model.json").read_text())
+    metrics = json.loads((Path(score_dir) / "_metrics.json").read_text())
+
+    images = {}
+    for name, src in (("training_curves.png", Path(model_dir) / "training_curves.png"),
+                      ("confusion_matrix.png", Path(score_dir) / "confusion_matrix.png")):
+        if src.is_file():
+            shutil.copyfile(src, out_dir / name)
+            images[name] = name
+    if class_balance_png(manifest, out_dir / "class_balance.png"):
+        images["class_balance.png"] = "class_balance.png"
+
+    history_rows: List[List[Any]] = []
+    hist = Path(model_dir) / "history.csv"
+    if hist.is_file():
+        with hist.open() as f:
+            reader = csv.DictReader(f)
+            cols = [c for c in (reader.fieldnames or [])]
+            history_rows = [[r.get(c) for c in cols] for r in reader]
+    else:
+        cols = []
+
+    acc = metrics.get("accuracy")
+    rejected = manifest.get("rejected") or {}
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>pixelmill run report</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "th{background:#f2f2f2}td:first-child{text-align:left}.big{font-size:2.2em;font-weight:600}"
+        "img{max-width:100%;border:1px solid #ddd;margin:.4em 0}.grid{display:grid;grid-template-columns:1fr 1fr;gap:1em}",
+        "</style></head><body>",
+        "<h1>pixelmill run report</h1>",
+        f"<p class='big'>test accuracy {html.escape(_fmt(acc))}</p>",
+        f"<p>{_fmt(manifest.get('files_seen'))} files in, {_fmt(manifest.get('accepted'))} accepted, "
+        f"{_fmt(sum(rejected.values()))} rejected; model <code>{html.escape(str(model_meta.get('model_id')))}</code> "
+        f"trained {_fmt(model_meta.get('epochs_completed'))} epochs; whole run {wall_seconds:.0f} s.</p>",
+        "<h2>Stages</h2>",
+        _table(["stage", "seconds", "images", "images/s"],
+               [[k, v.get("seconds"), v.get("images"), v.get("images_per_second")] for k, v in stages.items()]),
+        "<h2>Data</h2>",
+        _table(["split", "images"], [[k, v] for k, v in (manifest.get("splits") or {}).items()]),
+        _table(["reject reason", "files"], [[k, v] for k, v in rejected.items()] or [["(none)", 0]]),
+    ]
+    if "class_balance.png" in images:
+        parts.append("<img src='class_balance.png' alt='class balance'>")
+    parts.append("<h2>Training</h2>")
+    if "training_curves.png" in images:
+        parts.append("<img src='training_curves.png' alt='training curves'>")
+    if history_rows:
+        parts.append(_table(cols, history_rows))
+    parts.append("<h2>Test set</h2><div class='grid'><div>")
+    parts.append(_table(["class", "precision", "recall", "F1", "support"], per_class_rows(metrics)))
+    parts.append("</div><div>")
+    if "confusion_matrix.png" in images:
+        parts.append("<img src='confusion_matrix.png' alt='confusion matrix'>")
+    parts.append("</div></div>")
+    parts.append(f"<h2>Provenance</h2><pre>{html.escape(json.dumps({'stack': model_meta.get('stack'), 'ingest_manifest_sha256': model_meta.get('ingest_manifest_sha256'), 'input': manifest.get('input_uri')}, indent=2))}</pre>")
+    parts.append("</body></html>")
+    path = out_dir / "index.html"
+    path.write_text("\n".join(parts))
+    return path
