@@ -1,0 +1,162 @@
+"""Keras 3 model factory for image classification.
+
+Every model is built only from standard Keras layers (no ``Lambda``, no custom
+classes), so the exported ``model.keras`` loads with
+``keras.saving.load_model(path, safe_mode=True)`` in a process that has never
+imported pixelmill (see docs/contracts.md, "Training output").
+
+Inputs are normalised float32 ``(height, width, channels)`` images; outputs are
+class probabilities (a float32 softmax, also under mixed precision).
+
+>>> model = build_model("compact_cnn", (28, 28, 1), 10)  # doctest: +SKIP
+>>> model.output_shape  # doctest: +SKIP
+(None, 10)
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES = ("compact_cnn", "resnet")
+
+
+def _regularizer(weight_decay: float) -> Any:
+    import keras
+
+    return keras.regularizers.L2(weight_decay) if weight_decay > 0 else None
+
+
+def _conv_bn_relu(x: Any, filters: int, *, name: str, weight_decay: float, strides: int = 1) -> Any:
+    import keras
+    from keras import layers
+
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
+                      kernel_initializer="he_normal", kernel_regularizer=_regularizer(weight_decay),
+                      name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def _classifier_head(x: Any, num_classes: int, *, dropout: float, name: str = "classifier") -> Any:
+    from keras import layers
+
+    if dropout > 0:
+        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    # float32 softmax: probabilities stay exact under a mixed_float16 policy.
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+
+
+def compact_cnn(input_shape: Tuple[int, int, int], num_classes: int, *, dropout: float = 0.25,
+                weight_decay: float = 0.0) -> "keras.Model":
+    """A small VGG-style CNN for small images (Fashion-MNIST-sized and up).
+
+    Two 3x3 conv + BN + ReLU layers per block, max-pooling between blocks
+    (32, 64, then 128 filters while the feature map is larger than 7x7), then
+    a 128-unit dense layer and a softmax.
+    """
+    import keras
+    from keras import layers
+
+    h, w, _ = input_shape
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    filters = 32
+    block = 0
+    while True:
+        block += 1
+        x = _conv_bn_relu(x, filters, name=f"block{block}a", weight_decay=weight_decay)
+        x = _conv_bn_relu(x, filters, name=f"block{block}b", weight_decay=weight_decay)
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+        h, w = h // 2, w // 2
+        if dropout > 0:
+            x = layers.Dropout(dropout / 2, name=f"block{block}_dropout")(x)
+        if min(h, w) <= 7 or block >= 4:
+            break
+        filters = min(filters * 2, 128)
+    # Flatten keeps spatial detail on small inputs; on large ones average first.
+    if h * w > 64:
+        x = layers.GlobalAveragePooling2D(name="gap")(x)
+    else:
+        x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, kernel_initializer="he_normal", kernel_regularizer=_regularizer(weight_decay),
+                     name="fc")(x)
+    x = layers.BatchNormalization(name="fc_bn")(x)
+    x = layers.Activation("relu", name="fc_relu")(x)
+    outputs = _classifier_head(x, num_classes, dropout=min(0.5, dropout * 2))
+    return keras.Model(inputs, outputs, name="compact_cnn")
+
+
+def _residual_block(x: Any, filters: int, *, strides: int, name: str, weight_decay: float) -> Any:
+    from keras import layers
+
+    shortcut = x
+    y = _conv_bn_relu(x, filters, strides=strides, name=f"{name}_1", weight_decay=weight_decay)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+                      kernel_regularizer=_regularizer(weight_decay), name=f"{name}_2_conv")(y)
+    y = layers.BatchNormalization(name=f"{name}_2_bn")(y)
+    if strides != 1 or int(shortcut.shape[-1]) != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False, kernel_initializer="he_normal",
+                                 kernel_regularizer=_regularizer(weight_decay), name=f"{name}_proj_conv")(shortcut)
+        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    return layers.Activation("relu", name=f"{name}_out")(y)
+
+
+def resnet(input_shape: Tuple[int, int, int], num_classes: int, *, dropout: float = 0.25,
+           weight_decay: float = 0.0) -> "keras.Model":
+    """A ResNet-style network (basic blocks, 4 stages) for larger images.
+
+    The stem downsamples by 4 when the input is at least 96 pixels on its
+    short side (ImageNet-like sizes) and not at all on small inputs.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    large = min(input_shape[0], input_shape[1]) >= 96
+    x = _conv_bn_relu(inputs, 64 if large else 32, strides=2 if large else 1, name="stem",
+                      weight_decay=weight_decay)
+    if large:
+        x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    widths = (64, 128, 256, 512) if large else (32, 64, 128, 256)
+    for stage, filters in enumerate(widths, start=1):
+        for block in range(2):
+            strides = 2 if (block == 0 and stage > 1) else 1
+            x = _residual_block(x, filters, strides=strides, name=f"stage{stage}_block{block + 1}",
+                                weight_decay=weight_decay)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = _classifier_head(x, num_classes, dropout=dropout)
+    return keras.Model(inputs, outputs, name="resnet")
+
+
+_FACTORIES: Dict[str, Callable[..., Any]] = {"compact_cnn": compact_cnn, "resnet": resnet}
+
+
+def build_model(name: str, input_shape: Tuple[int, int, int], num_classes: int, *, dropout: float = 0.25,
+                weight_decay: float = 0.0) -> "keras.Model":
+    """Build the model called ``name`` (one of :data:`MODEL_NAMES`).
+
+    Parameters
+    ----------
+    name:
+        ``compact_cnn`` (default, small images) or ``resnet`` (larger images).
+    input_shape:
+        ``(height, width, channels)`` from the ingest manifest.
+    num_classes:
+        Number of classes in the ingest manifest (>= 2).
+    """
+    from pipeline.errors import ConfigError
+
+    if name not in _FACTORIES:
+        raise ConfigError(f"config key 'train.model': unknown model {name!r} (allowed: {', '.join(MODEL_NAMES)})")
+    if num_classes < 2:
+        raise ConfigError(f"training needs at least 2 classes, the ingest manifest has {num_classes}")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"input shape must be (height, width, channels), got {input_shape}")
+    return _FACTORIES[name](shape, int(num_classes), dropout=dropout, weight_decay=weight_decay)
