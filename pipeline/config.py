@@ -67,6 +67,10 @@ class IngestConfig(_Section):
     max_pixels: int = Field(40_000_000, ge=64)
     max_file_mb: int = Field(256, ge=1)
     animated: Literal["first_frame", "reject"] = "first_frame"
+    #: Grey level (0..255) transparent pixels are flattened onto (RGBA, LA, palette with transparency).
+    alpha_background: int = Field(255, ge=0, le=255)
+    #: Grey level (0..255) of the border added by resize_policy ``pad``.
+    pad_value: int = Field(0, ge=0, le=255)
     #: Fractions used when the input layout does not give the split.
     split_fractions: Dict[Literal["train", "val", "test"], float] = Field(
         default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -166,6 +170,10 @@ class TrainConfig(_Section):
     #: Network interfaces Horovod may use (``["lo"]`` keeps local runs on loopback); null = let Horovod pick.
     nics: Optional[Tuple[str, ...]] = ("lo",)
     verbose: int = Field(1, ge=0, le=2)
+    #: Newest epoch checkpoints kept in ``<model_dir>/checkpoints`` (the best epoch's is kept too).
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
+    #: Export the weights of the best epoch by ``early_stopping.metric`` (false = the last epoch's).
+    restore_best: bool = True
 
 
 class ScoreConfig(_Section):
