@@ -1,0 +1,322 @@
+"""Driver side of training: validate, launch Horovod on Spark, watch it, report.
+
+``run(spark, cfg, *, data_uri, model_dir, mode)`` checks everything that can be
+checked before any executor works (a committed ingest output with train rows,
+enough row groups and task slots for ``train.num_proc``, a model-dir that
+matches the data), then runs :func:`pipeline.trainer.train_fn` in
+``train.num_proc`` Spark tasks with ``horovod.spark.run`` (Gloo).
+
+``horovod.spark.run`` runs in a thread watched by a watchdog: Horovod
+processes' output is forwarded to the driver log, and rank 0 prints a
+heartbeat after training steps. No heartbeat within ``train.start_timeout`` +
+``train.step_timeout`` of the launch, or for ``train.step_timeout`` later, and
+the watchdog cancels the Spark job group and fails with one line naming the
+key to raise. A killed Horovod process makes its peers' collectives fail at
+once (Gloo sees the closed socket; ``HOROVOD_GLOO_TIMEOUT_SECONDS`` bounds the
+wait when a machine vanishes without closing sockets), so the job fails fast
+and a rerun with the same ``--model-dir`` resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+
+from pipeline.errors import ConfigError, DataError, InvariantError, TrainingError
+from pipeline.storage import COMMIT_MARKER, HadoopFS, join, to_uri
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+
+    from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+MODES = ("resume", "overwrite")
+#: Seconds the driver waits for Horovod's own shutdown after the watchdog cancelled the job.
+CANCEL_GRACE_S = 30.0
+
+
+class _OutputTap:
+    """A file-like sink for Horovod's forwarded stdout/stderr: logs lines, records heartbeats."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.last_beat: Optional[float] = None
+        self.beats = 0
+        self._buf = ""
+        self._lock = threading.Lock()
+        self.tail: List[str] = []
+
+    def write(self, text: Any) -> int:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        with self._lock:
+            self._buf += text
+            *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            self._line(line.rstrip("\r"))
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        from pipeline.trainer import HEARTBEAT
+
+        if HEARTBEAT in line:
+            self.last_beat = time.monotonic()
+            self.beats += 1
+            return
+        if not line.strip():
+            return
+        self.tail = (self.tail + [line])[-20:]
+        log.info("%s", line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def manifest_sha256(data_uri: str) -> str:
+    """sha256 of the ingest manifest's bytes (what model.json records as ``ingest_manifest_sha256``)."""
+    from pipeline.trainer import ModelDirStore
+
+    return hashlib.sha256(ModelDirStore(data_uri).read_bytes("_manifest.json")).hexdigest()
+
+
+def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, mode: str) -> Dict[str, Any]:
+    """Everything checked before launching; returns the ingest manifest."""
+    from pipeline.spark import task_slots
+
+    tc = cfg.train
+    if mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
+    if data_uri.rstrip("/") == model_dir.rstrip("/"):
+        raise ConfigError("--model-dir must differ from --data")
+    fs = HadoopFS(spark)
+    if not fs.exists(join(data_uri, COMMIT_MARKER)) or not fs.exists(join(data_uri, "_manifest.json")):
+        raise DataError(f"--data {data_uri} is not a committed ingest output (no {COMMIT_MARKER} or _manifest.json): "
+                        "run the ingest job first")
+    manifest = fs.read_json(join(data_uri, "_manifest.json"))
+    classes = manifest.get("classes") or {}
+    splits = manifest.get("splits") or {}
+    if len(classes) < 2:
+        raise DataError(f"--data {data_uri} has {len(classes)} class(es): training needs at least 2 labelled classes")
+    if int(splits.get("train", 0)) < 1:
+        raise DataError(f"--data {data_uri} has no rows in the train split: check ingest.split_fractions")
+    groups = int((manifest.get("row_groups") or {}).get("train", 0))
+    if groups and groups < tc.num_proc:
+        raise DataError(f"the train split has {groups} row group(s), fewer than train.num_proc={tc.num_proc}: "
+                        f"lower train.num_proc or re-run ingest with ingest.max_train_procs >= {tc.num_proc}")
+    if int(splits.get("train", 0)) < tc.batch_size * tc.num_proc:
+        raise DataError(f"the train split has {splits.get('train')} rows, fewer than one global batch "
+                        f"(train.batch_size={tc.batch_size} x train.num_proc={tc.num_proc}): lower train.batch_size")
+    if int(splits.get("val", 0)) < 1:
+        log.warning("--data %s has no val split: early stopping watches the train metric instead", data_uri)
+    slots = task_slots(spark)
+    if tc.num_proc > slots:
+        raise ConfigError(f"train.num_proc={tc.num_proc} needs {tc.num_proc} concurrent Spark task slots but the "
+                          f"cluster offers {slots}: lower train.num_proc (--num-proc) or add executors/cores")
+    return manifest
+
+
+def fingerprint(cfg: "Config", manifest: Mapping[str, Any], manifest_sha: str) -> Dict[str, Any]:
+    """What a checkpoint must match to be resumed (data, classes, input, model)."""
+    return {"ingest_manifest_sha256": manifest_sha, "classes": dict(manifest["classes"]),
+            "image": dict(manifest["image"]), "model": cfg.train.model, "optimizer": cfg.train.optimizer,
+            "mixed_precision": cfg.train.mixed_precision}
+
+
+def _existing_result(fs: HadoopFS, model_dir: str, cfg: "Config", fp: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """When ``model_dir`` already holds a finished run of this config, its summary; else None.
+
+    Also refuses to resume a model-dir trained on other data or another model.
+    """
+    from pipeline.trainer import CHECKPOINTS, COMPLETE, latest_complete
+
+    ckdir = join(model_dir, CHECKPOINTS)
+    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.list(ckdir)]
+    complete = [n for n in names if fs.exists(join(ckdir, n, COMPLETE))]
+    found = latest_complete(names, complete)
+    if found is None:
+        return None
+    state = fs.read_json(join(ckdir, found[1], "state.json"))
+    if state.get("fingerprint") != dict(fp):
+        raise ConfigError(f"--model-dir {model_dir} holds checkpoints of another dataset or model: "
+                          "pass --mode overwrite to start fresh, or choose another --model-dir")
+    done = bool(state["early_stopping"].get("stopped")) or int(state["epoch"]) >= cfg.train.epochs
+    if not done or not fs.exists(join(model_dir, "model.json")):
+        log.info("resuming: last complete checkpoint is %s (epoch %d of %d)", found[1], state["epoch"],
+                 cfg.train.epochs)
+        return None
+    info = fs.read_json(join(model_dir, "model.json"))
+    log.info("%s already holds a finished run (%d epochs%s): nothing to do (pass --mode overwrite to retrain)",
+             model_dir, state["epoch"], ", stopped early" if state["early_stopping"].get("stopped") else "")
+    return {"model_dir": model_dir, "model_uri": join(model_dir, "model", "model.keras"),
+            "model_id": info["model_id"], "epochs_completed": info["epochs_completed"],
+            "exported_epoch": info.get("exported_epoch"), "stopped_early": info.get("stopped_early", False),
+            "metrics": info["metrics"], "resumed_from": found[1], "epochs_run": 0, "skipped": True,
+            "num_proc": cfg.train.num_proc}
+
+
+def horovod_env(cfg: "Config") -> Dict[str, str]:
+    """Environment of the Horovod processes: timeouts that turn a dead peer into an error."""
+    tc = cfg.train
+    env = {
+        # A Gloo collective waiting longer than this for a peer fails instead of hanging.
+        "HOROVOD_GLOO_TIMEOUT_SECONDS": str(tc.step_timeout),
+        # A rank that stops submitting tensors (stuck, not dead) shuts Horovod down.
+        "HOROVOD_STALL_CHECK_TIME_SECONDS": str(max(5, min(60, tc.step_timeout // 2))),
+        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(tc.step_timeout),
+        "PYTHONUNBUFFERED": "1",
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    }
+    if tc.intra_op_threads:
+        env["OMP_NUM_THREADS"] = str(tc.intra_op_threads)
+    return env
+
+
+def _explain_failure(err: BaseException, tap: _OutputTap, cfg: "Config", model_dir: str) -> str:
+    text = str(err)
+    if "Timed out waiting for" in text:
+        return (f"Horovod processes did not all start within train.start_timeout={cfg.train.start_timeout}s: "
+                f"free {cfg.train.num_proc} task slots or raise train.start_timeout")
+    code = re.search(r"Exit code: (-?\d+)", text)
+    name = re.search(r"Process name: (\S+)", text)
+    why = ""
+    if code:
+        c = int(code.group(1))
+        why = f" (exit code {c}{', killed by signal ' + str(-c) if c < 0 else ''})"
+    who = f"Horovod process {name.group(1)}" if name else "a Horovod process"
+    hint = next((line for line in reversed(tap.tail) if "Error" in line or "error" in line), "")
+    hint = f"; last error: {hint.strip()[:300]}" if hint else ""
+    return (f"training failed: {who} exited{why}{hint}. Rerun with the same --model-dir {model_dir} "
+            "to resume from the last checkpoint")
+
+
+def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, mode: str = "resume") -> Dict[str, Any]:
+    """Train with Horovod on Spark; returns a summary dict (epochs, final metrics).
+
+    Parameters
+    ----------
+    data_uri:
+        A committed ingest output.
+    model_dir:
+        Where checkpoints, history, TensorBoard logs and the exported model go.
+    mode:
+        ``resume`` continues from the last complete checkpoint (a finished run
+        is returned as is); ``overwrite`` deletes ``model_dir`` and starts fresh.
+    """
+    from pipeline.spark import assert_on_driver
+
+    assert_on_driver()
+    t0 = time.time()
+    data_uri, model_dir = to_uri(data_uri), to_uri(model_dir)
+    manifest = validate_inputs(spark, cfg, data_uri=data_uri, model_dir=model_dir, mode=mode)
+    fs = HadoopFS(spark)
+    manifest_sha = manifest_sha256(data_uri)
+    fp = fingerprint(cfg, manifest, manifest_sha)
+    if mode == "overwrite" and fs.exists(model_dir):
+        log.warning("--mode overwrite: deleting %s", model_dir)
+        fs.delete(model_dir)
+    elif mode == "resume":
+        done = _existing_result(fs, model_dir, cfg, fp)
+        if done is not None:
+            done["timings"] = {"total_s": round(time.time() - t0, 3)}
+            return done
+    fs.mkdirs(model_dir)
+
+    from pipeline.trainer import FAULT_ENV, parse_fault
+
+    try:
+        fault = parse_fault(os.environ.get(FAULT_ENV))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    spec = {"data_uri": data_uri, "model_dir": model_dir, "cfg": cfg.to_dict(), "manifest_sha256": manifest_sha,
+            "fingerprint": fp, "fault": fault, "num_proc": cfg.train.num_proc}
+    results = _launch(spark, cfg, spec, model_dir)
+
+    digests = sorted({r["weights_sha256"] for r in results})
+    if len(digests) != 1:
+        raise InvariantError(f"Horovod ranks finished with different weights ({len(digests)} digests): "
+                             "a rank trained on its own; check that every rank ran the same number of steps")
+    head = next(r for r in results if r["rank"] == 0)
+    t_launch = spec["_launched_unix"]
+    summary = {
+        "model_dir": model_dir, "model_uri": join(model_dir, "model", "model.keras"), "model_id": head["model_id"],
+        "epochs_completed": head["epochs_completed"], "epochs_run": head["epochs_run"],
+        "exported_epoch": head["exported_epoch"], "best_epoch": head["best_epoch"],
+        "stopped_early": head["stopped_early"], "resumed_from": head["resumed_from"], "metrics": head["metrics"],
+        "num_proc": len(results), "weights_sha256": [r["weights_sha256"] for r in sorted(results, key=lambda r: r["rank"])],
+        "images_per_second": head["images_per_second"], "skipped": False,
+        "timings": {
+            "total_s": round(time.time() - t0, 3),
+            "launch_overhead_s": (round(head["first_step_unix"] - t_launch, 3) if head["first_step_unix"] else None),
+        },
+    }
+    log.info("training done: %d epochs (%d this run), %s, model %s", summary["epochs_completed"],
+             summary["epochs_run"], ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items())),
+             summary["model_uri"])
+    return summary
+
+
+def _launch(spark: "SparkSession", cfg: "Config", spec: Dict[str, Any], model_dir: str) -> List[Dict[str, Any]]:
+    """``horovod.spark.run`` in a watched thread; returns the per-rank results."""
+    import horovod.spark
+    from horovod.spark.driver import job_id
+
+    from pipeline.trainer import train_fn
+
+    tc = cfg.train
+    tap = _OutputTap("horovod")
+    box: Dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = horovod.spark.run(
+                train_fn, args=(spec,), num_proc=tc.num_proc, start_timeout=tc.start_timeout,
+                use_gloo=True, nics=list(tc.nics) if tc.nics else None, env=horovod_env(cfg),
+                stdout=tap, stderr=tap, verbose=1 if tc.verbose >= 2 else 0)
+        except BaseException as e:  # noqa: BLE001 - handed to the driver thread
+            box["error"] = e
+
+    sc = spark.sparkContext
+    sc.setJobDescription(f"pixelmill train {tc.num_proc} Horovod process(es) -> {model_dir}")
+    spec["_launched_unix"] = time.time()
+    started = time.monotonic()
+    group = f"horovod.spark.run.{job_id.JOB_ID + 1}"  # the group horovod.spark.run is about to use
+    thread = threading.Thread(target=target, name="horovod-spark-run", daemon=True)
+    thread.start()
+    log.info("launched %d Horovod process(es) (Spark job group %s); start_timeout %ds, step_timeout %ds",
+             tc.num_proc, group, tc.start_timeout, tc.step_timeout)
+    reason: Optional[str] = None
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if not thread.is_alive():
+            break
+        now = time.monotonic()
+        if tap.last_beat is None:
+            if now - started > tc.start_timeout + tc.step_timeout:
+                reason = (f"no training progress within train.start_timeout + train.step_timeout = "
+                          f"{tc.start_timeout + tc.step_timeout}s of the launch: a Horovod process is stuck or dead "
+                          "(raise train.start_timeout if the cluster is slow to start)")
+        elif now - tap.last_beat > tc.step_timeout:
+            reason = (f"no training progress for train.step_timeout={tc.step_timeout}s: a Horovod process is "
+                      f"stuck or dead (raise train.step_timeout if one step or one validation legitimately "
+                      "takes longer). Rerun with the same --model-dir to resume")
+        if reason:
+            log.error("%s; cancelling Spark job group %s", reason, group)
+            sc.cancelJobGroup(group)
+            thread.join(timeout=CANCEL_GRACE_S)
+            raise TrainingError(reason)
+    if "error" in box:
+        err = box["error"]
+        if isinstance(err, KeyboardInterrupt):
+            sc.cancelJobGroup(group)
+            raise err
+        raise TrainingError(_explain_failure(err, tap, cfg, model_dir)) from err
+    return list(box["result"])
