@@ -224,9 +224,11 @@ def _to_mode(im: "PILImage", opts: ImageOptions) -> "PILImage":
         im = im.convert("LA")
     if im.mode in ("RGBA", "LA"):
         # Transparency is flattened onto a configured background, never dropped silently.
-        bg = Image.new(im.mode, im.size, (opts.alpha_background,) * len(im.mode))
-        bg.alpha_composite(im)
-        im = bg.convert("RGB" if im.mode == "RGBA" else "L")
+        arr = np.asarray(im, dtype=np.float32)
+        alpha = arr[..., -1:] / 255.0
+        flat = arr[..., :-1] * alpha + float(opts.alpha_background) * (1.0 - alpha)
+        flat = np.clip(np.rint(flat), 0, 255).astype(np.uint8)
+        im = Image.fromarray(flat if im.mode == "RGBA" else flat[..., 0], "RGB" if im.mode == "RGBA" else "L")
     if im.mode not in ("RGB", "L"):  # CMYK, YCbCr, LAB, HSV, ...
         im = im.convert("RGB")
     if im.mode != opts.color_mode:
