@@ -1,0 +1,479 @@
+"""Distributed scoring: every row scored once, equal to a single-process predict, clear errors, safe reruns.
+
+Real local[2] Spark, real Parquet, a real Keras 3 model trained for a moment in a
+fixture and saved as the training stage exports it (``model/model.keras`` +
+``model.json`` per docs/contracts.md). The ingest output is written here in the
+contract's layout so these tests do not depend on the ingest stage's code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, DataError, OutputExistsError
+from pipeline.schema import IMAGE_COLUMNS, IMAGE_FIELDS, spark_schema
+from pipeline.storage import COMMIT_MARKER, STAGING_PREFIX
+
+CLASSES = ("diagonal", "horizontal", "vertical")
+SIZE = 16
+SPLIT_SIZES = {"train": 60, "val": 12, "test": 30}
+CONTRACT_COLUMNS = ("image_id", "source_path", "label", "split", "pred_label", "pred_index", "probability",
+                    "top_k_labels", "top_k_probabilities", "model_id", "scored_at")
+TOP_K = 2
+
+
+# --- an ingest output in the contract's layout ---------------------------------------
+
+def _stripes(label: str, rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    coord = {"horizontal": yy, "vertical": xx, "diagonal": xx + yy}[label]
+    period = int(rng.integers(4, 8))
+    stripes = ((coord + int(rng.integers(0, period))) // (period // 2)) % 2
+    base = rng.integers(0, 256, size=channels)
+    img = stripes[..., None] * base + (1 - stripes[..., None]) * (255 - base)
+    img = np.clip(img + rng.normal(0, 20, size=img.shape), 0, 255).astype("uint8")
+    return img[..., 0] if channels == 1 else img
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_ingest_output(spark, root: Path, *, split_sizes: Dict[str, int], labelled: bool = True,
+                        channels: int = 3, seed: int = 0, bad_rows: Sequence[Tuple[int, bytes]] = ()) -> str:
+    """A committed ingest output (images/split=*/, _manifest.json, marker); returns its URI."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows, pixels = [], []
+    for split, n in split_sizes.items():
+        for i in range(n):
+            label = CLASSES[i % len(CLASSES)]
+            arr = _stripes(label, rng, SIZE, channels)
+            data = _png(arr)
+            rows.append({
+                "image_id": hashlib.sha256(data).hexdigest(),
+                "source_path": f"file:///raw/{split}/{label}/{label} {i:03d} ünï.png",
+                "label": label if labelled else None,
+                "label_index": CLASSES.index(label) if labelled else None,
+                "split": split, "height": SIZE, "width": SIZE, "channels": channels, "format": "png",
+                "image": data,
+            })
+            if split == "train":
+                pixels.append(arr.reshape(-1, channels).astype(np.float64))
+    for idx, data in bad_rows:  # stored bytes that no longer decode to SIZE x SIZE
+        rows[idx]["image"] = data
+    pdf = pd.DataFrame(rows, columns=list(IMAGE_COLUMNS))
+    pdf["label_index"] = pdf["label_index"].astype("Int32")
+    for c in ("height", "width", "channels"):
+        pdf[c] = pdf[c].astype("int32")
+    uri = "file://" + str(root)
+    (spark.createDataFrame(pdf, schema=spark_schema(IMAGE_FIELDS)).repartition(3)
+     .write.partitionBy("split").parquet(uri + "/images"))
+    px = np.concatenate(pixels) if pixels else np.full((1, channels), 127.5)
+    manifest = {
+        "version": 1, "input_uri": "file:///raw", "output_uri": uri,
+        "files_seen": len(rows), "accepted": len(rows), "rejected": {},
+        "splits": dict(split_sizes),
+        "class_counts": {c: sum(1 for r in rows if r["label"] == c) for c in CLASSES} if labelled else {},
+        "classes": {c: i for i, c in enumerate(CLASSES)} if labelled else {},
+        "image": {"height": SIZE, "width": SIZE, "channels": channels, "color_mode": "L" if channels == 1 else "RGB",
+                  "format": "png"},
+        "stats": {"mean": px.mean(axis=0).tolist(), "std": px.std(axis=0).tolist()},
+        "row_groups": {s: 1 for s in split_sizes}, "config": {}, "timings": {"total_s": 0.0},
+        "images_per_second": 0.0,
+    }
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    (root / COMMIT_MARKER).write_text("{}")
+    return uri
+
+
+def read_images(data_uri: str, split: Optional[str] = None):
+    """The ingest rows as pandas, read with pyarrow (no pipeline code)."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(data_uri[len("file://"):] + "/images", format="parquet", partitioning="hive").to_table()
+    pdf = table.to_pandas()
+    pdf["split"] = pdf["split"].astype(str)
+    return pdf if split is None else pdf[pdf["split"] == split].reset_index(drop=True)
+
+
+# --- a model exported the way the training stage exports it ------------------------------
+
+def export_model(model, model_dir: Path, *, manifest: dict, classes: Dict[str, int]) -> str:
+    (model_dir / "model").mkdir(parents=True, exist_ok=True)
+    path = model_dir / "model" / "model.keras"
+    model.save(path)
+    meta = {
+        "model_id": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+        "created_utc": "2026-11-28T00:00:00Z",
+        "classes": classes,
+        "image": manifest["image"],
+        "normalization": {"mean": manifest["stats"]["mean"], "std": manifest["stats"]["std"]},
+        "ingest_manifest_sha256": "0" * 64, "epochs_completed": 2,
+        "metrics": {}, "stack": {}, "config": {},
+    }
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    return "file://" + str(model_dir)
+
+
+def reference_inputs(pdf, manifest: dict) -> np.ndarray:
+    """Decode with Pillow and normalise by hand: the single-process reference path."""
+    from PIL import Image
+
+    x = np.stack([np.asarray(Image.open(io.BytesIO(b)), dtype=np.float32) for b in pdf["image"]])
+    if x.ndim == 3:
+        x = x[..., None]
+    mean = np.asarray(manifest["stats"]["mean"], np.float32)
+    std = np.asarray(manifest["stats"]["std"], np.float32)
+    return (x - mean) / std
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(["local.yaml"], ["spark.ui_enabled=false", "spark.log_level=ERROR",
+                                        "score.batch_size=16", f"score.top_k={TOP_K}"])
+
+
+@pytest.fixture(scope="module")
+def data(spark, tmp_path_factory) -> str:
+    return write_ingest_output(spark, tmp_path_factory.mktemp("ingest") / "out", split_sizes=SPLIT_SIZES)
+
+
+@pytest.fixture(scope="module")
+def manifest(data) -> dict:
+    return json.loads(Path(data[len("file://"):], "_manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def keras_model(data, manifest):
+    import keras
+
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([
+        keras.Input((SIZE, SIZE, 3)),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(CLASSES), activation="softmax"),
+    ])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    train = read_images(data, "train")
+    y = np.asarray([CLASSES.index(v) for v in train["label"]])
+    # A short fit: predictions are confident and varied, with some mistakes left.
+    model.fit(reference_inputs(train, manifest), y, epochs=3, batch_size=16, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(keras_model, manifest, tmp_path_factory) -> str:
+    return export_model(keras_model, tmp_path_factory.mktemp("models") / "run1", manifest=manifest,
+                        classes={c: i for i, c in enumerate(CLASSES)})
+
+
+@pytest.fixture(scope="module")
+def reference(data, manifest, keras_model):
+    """Single-process ``model.predict`` over every ingest row, keyed by image_id."""
+    pdf = read_images(data)
+    probs = keras_model.predict(reference_inputs(pdf, manifest), batch_size=64, verbose=0)
+    return {iid: (row, p) for iid, row, p in zip(pdf["image_id"], pdf.to_dict("records"), probs)}
+
+
+@pytest.fixture(scope="module")
+def scored_all(spark, cfg, data, model_dir, tmp_path_factory):
+    from pipeline import score
+
+    out = "file://" + str(tmp_path_factory.mktemp("scored") / "all")
+    summary = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="error")
+    return summary, out
+
+
+def predictions(spark, out: str):
+    return spark.read.parquet(out + "/predictions").toPandas()
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+def test_every_row_is_scored_once_and_equals_single_process_predict(spark, scored_all, reference):
+    summary, out = scored_all
+    pdf = predictions(spark, out)
+    n = sum(SPLIT_SIZES.values())
+    assert (summary["rows"], summary["rows_in"], summary["rejected"]) == (n, n, 0)
+    assert len(pdf) == n
+    assert pdf["image_id"].is_unique
+    assert set(pdf["image_id"]) == set(reference)
+    assert sorted(pdf.columns) == sorted(CONTRACT_COLUMNS)
+    assert pdf["scored_at"].nunique() == 1
+    assert set(pdf["model_id"]) == {summary["model_id"]}
+    for r in pdf.itertuples():
+        src, p = reference[r.image_id]
+        assert (r.source_path, r.label, r.split) == (src["source_path"], src["label"], src["split"])
+        order = np.argsort(-p, kind="stable")
+        np.testing.assert_allclose(r.top_k_probabilities, p[order[:TOP_K]], rtol=1e-4, atol=1e-5)
+        assert r.probability == pytest.approx(float(p.max()), rel=1e-4, abs=1e-5)
+        if p[order[0]] - p[order[1]] > 1e-4:  # a near-tie may legitimately flip between batchings
+            assert r.pred_index == order[0]
+            assert list(r.top_k_labels) == [CLASSES[i] for i in order[:TOP_K]]
+        assert r.pred_label == CLASSES[r.pred_index] == r.top_k_labels[0]
+
+
+def test_predictions_are_partitioned_by_the_configured_column(scored_all):
+    _, out = scored_all
+    folders = sorted(p.name for p in Path(out[len("file://"):], "predictions").iterdir() if p.is_dir())
+    assert folders == ["split=test", "split=train", "split=val"]
+
+
+def test_metrics_equal_those_computed_by_hand(spark, scored_all):
+    summary, out = scored_all
+    pdf = predictions(spark, out)
+    k = len(CLASSES)
+    cm = np.zeros((k, k), dtype=int)
+    for label, pred in zip(pdf["label"], pdf["pred_label"]):
+        cm[CLASSES.index(label), CLASSES.index(pred)] += 1
+    got = json.loads(Path(out[len("file://"):], "_metrics.json").read_text())
+    assert got["classes"] == list(CLASSES)
+    assert got["confusion_matrix"] == cm.tolist()
+    assert got["rows"] == len(pdf) == cm.sum()
+    assert got["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    f1s = []
+    for i, c in enumerate(CLASSES):
+        tp = cm[i, i]
+        prec = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
+        rec = tp / cm[i, :].sum()
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        f1s.append(f1)
+        assert got["per_class"][c] == pytest.approx({"precision": prec, "recall": rec, "f1": f1,
+                                                      "support": int(cm[i, :].sum())})
+    assert got["macro_f1"] == pytest.approx(np.mean(f1s))
+    assert summary["metrics"]["accuracy"] == pytest.approx(got["accuracy"])
+    assert 0 < np.trace(cm) < cm.sum() or np.trace(cm) == cm.sum()  # sanity: the model learned something
+    from PIL import Image
+
+    with Image.open(Path(out[len("file://"):], "confusion_matrix.png")) as im:
+        assert im.format == "PNG" and min(im.size) >= 200
+
+
+def test_model_subfolder_unpartitioned_single_split(spark, cfg, data, model_dir, scored_all, tmp_uri):
+    from pipeline import score
+
+    cfg2 = cfg.model_copy(update={"score": cfg.score.model_copy(update={"partition_by": None})})
+    out = tmp_uri + "/test_only"
+    summary = score.run(spark, cfg2, data_uri=data, model_uri=model_dir + "/model", output_uri=out,
+                        split="test", mode="error")
+    assert summary["rows"] == SPLIT_SIZES["test"]
+    root = Path(out[len("file://"):], "predictions")
+    assert not [p for p in root.iterdir() if p.is_dir()]
+    got = predictions(spark, out).set_index("image_id")
+    full = predictions(spark, scored_all[1]).set_index("image_id")
+    assert set(got["split"]) == {"test"}
+    np.testing.assert_allclose(got["probability"], full.loc[got.index, "probability"], rtol=1e-5, atol=1e-6)
+
+
+def test_unlabeled_data_gets_null_labels_and_no_metrics(spark, cfg, keras_model, manifest, tmp_path):
+    from pipeline import score
+
+    data = write_ingest_output(spark, tmp_path / "unlabeled", split_sizes={"unlabeled": 20}, labelled=False, seed=3)
+    um = json.loads((tmp_path / "unlabeled" / "_manifest.json").read_text())
+    um["stats"] = manifest["stats"]
+    model_dir = export_model(keras_model, tmp_path / "m", manifest=um, classes={c: i for i, c in enumerate(CLASSES)})
+    out = "file://" + str(tmp_path / "scored")
+    with pytest.raises(DataError, match=r"split 'test' .* holds no images \(it has: unlabeled=20\).*--split all"):
+        score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="test", mode="error")
+    assert not (tmp_path / "scored").exists()
+    summary = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="error")
+    pdf = predictions(spark, out)
+    assert (summary["rows"], summary["metrics"], summary["metrics_uri"]) == (20, None, None)
+    assert len(pdf) == 20 and pdf["label"].isna().all() and set(pdf["split"]) == {"unlabeled"}
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir() if not p.name.startswith(".")) == [
+        COMMIT_MARKER, "predictions"]
+
+
+def _edit_model_json(src_dir: str, dst: Path, **changes) -> str:
+    import shutil
+
+    shutil.copytree(src_dir[len("file://"):], dst)
+    meta = json.loads((dst / "model.json").read_text())
+    meta.update(changes)
+    (dst / "model.json").write_text(json.dumps(meta))
+    return "file://" + str(dst)
+
+
+@pytest.mark.parametrize("case, exc, needle", [
+    ("missing", DataError, r"no trained model at .*expected <model-dir>/model/model\.keras"),
+    ("checkpoints_only", DataError, r"no trained model .*checkpoints but no exported model"),
+    ("size", DataError, r"image size differs: model \w+ expects 32x32 .* holds 16x16: ingest the data with "
+                        r"ingest.height=32 ingest.width=32"),
+    ("channels", DataError, r"channels differ: model \w+ expects 1 but .* holds 3 \(RGB\): .*ingest.color_mode=L"),
+    ("classes", DataError, r"class mapping differs: 'diagonal' is index 0 in .* but 1 in model"),
+    ("unknown_class", DataError, r"class mapping differs: data class 'vertical' is unknown to model"),
+    ("replaced", DataError, r"does not match its model.json \(model_id 0123456789abcdef"),
+    ("overlap", ConfigError, r"--output .* overlaps --data"),
+    ("split", ConfigError, r"--split must be one of train, val, test, unlabeled, all \(got 'bogus'\)"),
+])
+def test_model_and_data_disagreements_are_one_line_errors_and_write_nothing(
+        spark, cfg, data, model_dir, tmp_path, case, exc, needle):
+    from pipeline import score
+
+    out = "file://" + str(tmp_path / "out")
+    split = "test"
+    model = model_dir
+    if case == "missing":
+        model = "file://" + str(tmp_path / "nothing")
+    elif case == "checkpoints_only":
+        (tmp_path / "half" / "checkpoints" / "epoch-0001").mkdir(parents=True)
+        model = "file://" + str(tmp_path / "half")
+    elif case == "size":
+        model = _edit_model_json(model_dir, tmp_path / "m", image={"height": 32, "width": 32, "channels": 3,
+                                                                     "color_mode": "RGB", "format": "png"})
+    elif case == "channels":
+        model = _edit_model_json(model_dir, tmp_path / "m", image={"height": SIZE, "width": SIZE, "channels": 1,
+                                                                     "color_mode": "L", "format": "png"},
+                                 normalization={"mean": [0.0], "std": [1.0]})
+    elif case == "classes":
+        model = _edit_model_json(model_dir, tmp_path / "m", classes={"horizontal": 0, "diagonal": 1, "vertical": 2})
+    elif case == "unknown_class":
+        model = _edit_model_json(model_dir, tmp_path / "m", classes={"diagonal": 0, "horizontal": 1, "other": 2})
+    elif case == "replaced":
+        model = _edit_model_json(model_dir, tmp_path / "m", model_id="0123456789abcdef")
+    elif case == "overlap":
+        out = data + "/predictions"
+    elif case == "split":
+        split = "bogus"
+    data_files = sorted(Path(data[len("file://"):]).rglob("*"))
+    with pytest.raises(exc, match=needle) as info:
+        score.run(spark, cfg, data_uri=data, model_uri=model, output_uri=out, split=split, mode="overwrite")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert sorted(Path(data[len("file://"):]).rglob("*")) == data_files  # overwrite never touched the data
+
+
+def test_existing_output_is_refused_unless_overwrite(spark, cfg, data, model_dir, scored_all):
+    from pipeline import score
+
+    _, out = scored_all
+    before = sorted(Path(out[len("file://"):], "predictions").rglob("*.parquet"))
+    with pytest.raises(OutputExistsError, match=r"already exists: pass --mode overwrite to replace it$"):
+        score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="error")
+    assert sorted(Path(out[len("file://"):], "predictions").rglob("*.parquet")) == before
+
+
+def _set_fault(spark, value: Optional[str]) -> None:
+    from pipeline.score import FAULT_PROPERTY
+
+    spark.sparkContext.setLocalProperty(FAULT_PROPERTY, value)
+
+
+def test_interrupted_run_then_rerun_has_no_duplicates_and_no_missing_rows(spark, cfg, data, model_dir, scored_all,
+                                                                           tmp_path):
+    import shutil
+
+    from pipeline import score
+
+    out_dir = tmp_path / "scored"
+    out = "file://" + str(out_dir)
+    for fault in ("raise:1", "exit:0"):  # a task error, then a Python worker that dies mid-partition
+        _set_fault(spark, fault)
+        try:
+            with pytest.raises(Exception, match=r"injected scoring fault|Python worker exited|crashed|EOFError"):
+                score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="error")
+        finally:
+            _set_fault(spark, None)
+        assert not out_dir.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
+
+    # Debris a killed driver would leave: a half-written output without its marker and a staging folder.
+    some_part = next(Path(scored_all[1][len("file://"):], "predictions").rglob("*.parquet"))
+    (out_dir / "predictions" / "split=test").mkdir(parents=True)
+    shutil.copy(some_part, out_dir / "predictions" / "split=test" / "part-00000-debris.parquet")
+    stale = tmp_path / f"{STAGING_PREFIX}scored-deadbeef0000"
+    (stale / "predictions").mkdir(parents=True)
+    shutil.copy(some_part, stale / "predictions" / "part-00000-debris.parquet")
+
+    summary = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="error")
+    got = predictions(spark, out)
+    clean = predictions(spark, scored_all[1])
+    assert summary["rows"] == len(got) == len(clean)
+    assert got["image_id"].is_unique
+    assert set(got["image_id"]) == set(clean["image_id"])
+    assert not list(out_dir.rglob("*debris*"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
+    a = got.set_index("image_id").sort_index()
+    b = clean.set_index("image_id").sort_index()
+    assert (a["pred_label"] == b["pred_label"]).mean() > 0.95  # near-ties aside, the same answers
+    np.testing.assert_allclose(a["probability"], b["probability"], rtol=1e-4, atol=1e-5)
+
+
+def test_undecodable_and_oversized_images_are_rejected_not_lost(spark, cfg, keras_model, manifest, tmp_path):
+    import struct
+    import zlib
+
+    from pipeline import score
+
+    # A PNG header claiming 50000 x 50000 pixels (a decompression bomb) and bytes that are no image at all.
+    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
+    bomb = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + b"\x00" * 64)
+    data = write_ingest_output(spark, tmp_path / "d", split_sizes={"test": 10}, seed=5,
+                               bad_rows=[(2, bomb), (7, b"not an image")])
+    dm = json.loads((tmp_path / "d" / "_manifest.json").read_text())
+    dm["stats"] = manifest["stats"]
+    model_dir = export_model(keras_model, tmp_path / "m", manifest=dm, classes={c: i for i, c in enumerate(CLASSES)})
+    rows = read_images(data)
+    out = "file://" + str(tmp_path / "scored")
+    summary = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="test", mode="error")
+    assert (summary["rows_in"], summary["rows"], summary["rejected"]) == (10, 8, 2)
+    rej = spark.read.parquet(out + "/rejects").toPandas().sort_values("reason")
+    bad_ids = {bytes(b): i for i, b in zip(rows["image_id"], rows["image"])}
+    assert list(rej["reason"]) == ["undecodable", "wrong_size"]
+    assert list(rej["image_id"]) == [bad_ids[b"not an image"], bad_ids[bomb]]
+    assert "50000x50000" in rej["detail"].iloc[1]
+    pred_ids = set(predictions(spark, out)["image_id"])
+    assert pred_ids | set(rej["image_id"]) == set(rows["image_id"]) and not pred_ids & set(rej["image_id"])
+    assert json.loads((tmp_path / "scored" / "_metrics.json").read_text())["rows"] == 8
+
+
+def test_cli_rejects_bad_arguments_in_one_line_before_spark_starts(tmp_path, repo_root):
+    base = [sys.executable, "-m", "pipeline", "score", "--data", str(tmp_path / "d"), "--model", str(tmp_path / "m"),
+            "--output", str(tmp_path / "o")]
+    for extra, needle in ((["--split", "bogus"], "--split must be one of"),
+                          (["--set", "score.top_k=0"], "'score.top_k'"),
+                          (["--set", "score.partition_by=image_id"], "'score.partition_by'"),
+                          (["--mode", "append"], "invalid choice: 'append'")):
+        res = subprocess.run(base + extra, capture_output=True, text=True, cwd=repo_root, timeout=120)
+        assert res.returncode == 2, res.stderr
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_spark_submit_job_scores_and_prints_summary(data, model_dir, tmp_path, repo_root):
+    out = tmp_path / "submitted"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    res = subprocess.run(
+        ["spark-submit", "--master", "local[2]", str(repo_root / "jobs" / "score.py"), "--data", data,
+         "--model", model_dir, "--output", str(out), "--split", "test", "--config", "local.yaml",
+         "--set", "spark.ui_enabled=false", "--set", "score.partition_by=pred_label"],
+        capture_output=True, text=True, cwd=repo_root, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["rows"], summary["rows_in"], summary["rejected"]) == (SPLIT_SIZES["test"],) * 2 + (0,)
+    assert (out / COMMIT_MARKER).exists() and (out / "_metrics.json").exists()
+    assert {p.name.split("=")[0] for p in (out / "predictions").iterdir() if p.is_dir()} == {"pred_label"}
