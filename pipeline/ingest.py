@@ -267,7 +267,11 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
         t = time.perf_counter()
         set_job_description(spark, f"ingest: list {input_uri}")
         raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(input_uri)
-        files_seen = raw.select("path").count()  # listing only: the independent witness for the invariant
+        # The file index's listing is the witness for the invariant. Spark's scan silently skips
+        # zero-byte files, so they are found by comparing the listing with what the scan yields.
+        listed_files = raw._jdf.inputFiles()  # noqa: SLF001 - a JVM array: only its length crosses py4j
+        files_seen = len(listed_files)
+        n_scanned = raw.select("path").count()  # content is not read for this
         timings["list_s"] = round(time.perf_counter() - t, 3)
         log.info("ingest: %d files under %s (%.1fs)", files_seen, input_uri, timings["list_s"])
         if files_seen == 0:
@@ -294,6 +298,9 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
             )
         )
         processed = processed.unionByName(too_large, allowMissingColumns=True)
+        if n_scanned != files_seen:
+            log.info("ingest: %d listed files never reach the scan (0 bytes)", files_seen - n_scanned)
+            processed = processed.unionByName(unscanned_files(spark, listed_files, raw), allowMissingColumns=True)
         if icfg.label_source == "manifest":
             processed = processed.transform(lambda df: with_manifest_labels(spark, df, icfg.manifest_uri, input_uri))
 
@@ -455,6 +462,32 @@ def _norm_source_col(c: Any) -> Any:
     from pyspark.sql import functions as F
 
     return F.regexp_replace(c, r"^file:/(?!/)", "file:///")
+
+
+def unscanned_files(spark: "SparkSession", listed_files: Any, raw: "DataFrame") -> "DataFrame":
+    """Reject rows (``empty``) for files the file index lists but the scan never yields.
+
+    Built in the JVM from the index's own array (nothing crosses to Python); the index
+    gives URI-encoded paths, decoded here (``+`` is literal in a URI path, so it is kept).
+    """
+    from pyspark.sql import DataFrame
+    from pyspark.sql import functions as F
+
+    jvm = spark.sparkContext._jvm  # noqa: SLF001
+    jds = spark._jsparkSession.createDataset(  # noqa: SLF001
+        jvm.scala.collection.immutable.ArraySeq.unsafeWrapArray(listed_files), jvm.org.apache.spark.sql.Encoders.STRING())
+    listed = DataFrame(jds.toDF(), spark).select(
+        _norm_source_col(F.expr("reflect('java.net.URLDecoder', 'decode', replace(value, '+', '%2B'), 'UTF-8')"))
+        .alias("source_path"))
+    scanned = raw.select(_norm_source_col(F.col("path")).alias("source_path"))
+    return listed.join(scanned, "source_path", how="left_anti").select(
+        "source_path",
+        F.lit(im.image_id(b"")).alias("image_id"),
+        F.lit(None).cast("string").alias("label"),
+        F.lit(None).cast("string").alias("split"),
+        F.lit(im.EMPTY).alias("reason"),
+        F.lit("file has 0 bytes").alias("detail"),
+    )
 
 
 def with_manifest_labels(spark: "SparkSession", df: "DataFrame", manifest_uri: str, input_uri: str) -> "DataFrame":

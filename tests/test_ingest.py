@@ -1,0 +1,379 @@
+"""The ingest job end to end on real local[2] Spark and real Parquet.
+
+Every file of a generated corpus of bad and odd files must end in images/ or
+rejects/ with its exact expected outcome; reruns are identical; append adds
+only new files and keeps splits and classes; partial writes are cleaned; a lost
+row fails the job before anything is committed; a failed batch or a killed
+Python worker is retried by Spark and the output equals a clean run's.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from corpus import CORPUS_OVERRIDES, write_corpus, write_labelled, png_bytes, noise
+from pipeline import ingest
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
+from pipeline.storage import COMMIT_MARKER, STAGING_PREFIX
+
+SPARK_TEST = ("spark.ui_enabled=false", "spark.log_level=ERROR", "spark.conf.spark.sql.shuffle.partitions=4")
+
+
+def cfg_with(*overrides: str):
+    return load_config(["local.yaml"], [*SPARK_TEST, *CORPUS_OVERRIDES, "ingest.batch_rows=8", *overrides])
+
+
+def uri(p: Path) -> str:
+    return "file://" + str(p)
+
+
+def images_rows(out: Path) -> List[Dict[str, Any]]:
+    ds = pads.dataset(str(out / "images"), format="parquet", partitioning="hive")
+    return ds.to_table().to_pylist()
+
+
+def rejects_rows(out: Path) -> List[Dict[str, Any]]:
+    return pads.dataset(str(out / "rejects"), format="parquet").to_table().to_pylist()
+
+
+def manifest(out: Path) -> Dict[str, Any]:
+    return json.loads((out / "_manifest.json").read_text())
+
+
+def rel(source_path: str, root: Path) -> str:
+    prefix = uri(root) + "/"
+    assert source_path.startswith(prefix), source_path
+    return source_path[len(prefix):]
+
+
+def ordered_ids(out: Path) -> Dict[str, List[str]]:
+    """image_id order per split, reading files in name order: the row order a reader sees."""
+    res = {}
+    for d in sorted((out / "images").iterdir()):
+        if d.is_dir():
+            res[d.name] = [i for f in sorted(d.glob("*.parquet")) for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
+    return res
+
+
+def comparable(m: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in m.items() if k not in ("timings", "images_per_second", "output_uri", "row_groups")}
+
+
+# --- the corpus, ingested once -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus") / "raw"
+    return root, write_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def corpus_run(spark, corpus, tmp_path_factory):
+    root, _ = corpus
+    out = tmp_path_factory.mktemp("corpus_out") / "out"
+    summary = ingest.run(spark, cfg_with(), input_uri=uri(root), output_uri=uri(out), mode="error")
+    return out, summary
+
+
+def test_every_file_has_its_exact_outcome(corpus, corpus_run):
+    root, expected = corpus
+    out, _ = corpus_run
+    imgs, rejs = images_rows(out), rejects_rows(out)
+    got_accepted = {rel(r["source_path"], root): r["label"] for r in imgs}
+    got_rejected = {rel(r["source_path"], root): r["reason"] for r in rejs}
+    assert got_accepted == {k: e.label for k, e in expected.items() if e.reason is None}
+    assert got_rejected == {k: e.reason for k, e in expected.items() if e.reason is not None}
+    by_path = {rel(r["source_path"], root): r for r in rejs}
+    ids = {rel(r["source_path"], root): r["image_id"] for r in imgs}
+    for k, e in expected.items():
+        data = (root / k).read_bytes()
+        row_id = ids[k] if e.reason is None else by_path[k]["image_id"]
+        # image_id is the sha256 of the original bytes; null only for a file that was never read
+        assert row_id == (None if e.reason == "file_too_large" else hashlib.sha256(data).hexdigest()), k
+        if e.reason == "duplicate":
+            assert by_path[k]["image_id"] == ids[e.kept]
+            assert by_path[k]["detail"] == f"duplicate of {uri(root)}/{e.kept}"
+    assert by_path["cats/conflict.png"]["detail"] == "same bytes carry labels cats, dogs"
+    assert all(r["detail"] and "\n" not in r["detail"] for r in rejs)
+
+
+def test_manifest_reconciles_every_file(corpus, corpus_run):
+    root, expected = corpus
+    out, summary = corpus_run
+    m = manifest(out)
+    want_rejected = dict(Counter(e.reason for e in expected.values() if e.reason))
+    n_ok = sum(1 for e in expected.values() if e.reason is None)
+    assert m["files_seen"] == len(expected) == m["accepted"] + sum(m["rejected"].values())
+    assert (m["accepted"], m["rejected"]) == (n_ok, want_rejected)
+    assert m["classes"] == {"cats": 0, "dogs": 1}
+    assert m["class_counts"] == dict(Counter(e.label for e in expected.values() if e.reason is None))
+    assert sum(m["splits"].values()) == n_ok and set(m["splits"]) <= {"train", "val", "test"}
+    assert m["image"] == {"height": 16, "width": 16, "channels": 3, "color_mode": "RGB", "format": "png"}
+    assert m["input_uri"] == uri(root) and m["output_uri"] == uri(out)
+    assert m["config"]["max_pixels"] == 1_000_000
+    assert (out / COMMIT_MARKER).is_file()
+    for k in ("files_seen", "accepted", "rejected", "splits", "classes", "class_counts"):
+        assert summary[k] == m[k]
+    assert summary["output"] == uri(out) and summary["images_per_second"] > 0
+
+
+def test_stored_images_are_exactly_what_training_reads(corpus, corpus_run):
+    out, _ = corpus_run
+    m = manifest(out)
+    rows = images_rows(out)
+    for r in rows:
+        with Image.open(io.BytesIO(r["image"])) as x:
+            assert (x.format, x.size, x.mode) == ("PNG", (16, 16), "RGB")
+        assert (r["height"], r["width"], r["channels"], r["format"]) == (16, 16, 3, "png")
+        assert r["label_index"] == m["classes"][r["label"]]
+    # per-channel stats of the train split, recomputed from the stored bytes
+    train = np.stack([np.asarray(Image.open(io.BytesIO(r["image"]))) for r in rows if r["split"] == "train"])
+    px = train.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(m["stats"]["mean"], px.mean(axis=0), atol=1e-4)
+    np.testing.assert_allclose(m["stats"]["std"], px.std(axis=0), atol=1e-4)
+    assert m["stats"]["pixels"] == px.shape[0]
+
+
+def test_labels_never_form_output_paths(corpus_run):
+    out, _ = corpus_run
+    dirs = sorted(p.name for p in (out / "images").iterdir() if p.is_dir())
+    assert set(dirs) <= {"split=train", "split=val", "split=test"}
+    names = [str(p.relative_to(out)) for p in out.rglob("*")]
+    assert not [n for n in names if "cats" in n or "dogs" in n]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(STAGING_PREFIX)]
+
+
+def test_row_groups_shard_the_train_split_and_mix_classes(ingested_sample):
+    out = Path(ingested_sample[len("file://"):])
+    m = manifest(out)
+    need = 4 * m["config"]["max_train_procs"]
+    counted = {}
+    for split in m["splits"]:
+        files = sorted((out / "images" / f"split={split}").glob("*.parquet"))
+        counted[split] = sum(pq.ParquetFile(f).num_row_groups for f in files)
+        if split == "train":
+            for f in files:
+                pf = pq.ParquetFile(f)
+                for g in range(pf.num_row_groups):
+                    labels = pf.read_row_group(g, columns=["label"]).column(0).to_pylist()
+                    if len(labels) >= 6:
+                        assert len(set(labels)) > 1, f"row group {g} of {f.name} holds one class: {labels}"
+    assert counted == m["row_groups"]
+    assert counted["train"] >= need
+    assert sum(m["splits"].values()) == m["accepted"] == 144
+
+
+def test_rerun_gives_identical_rows_in_identical_order(spark, corpus, corpus_run, tmp_path):
+    root, _ = corpus
+    out1, _ = corpus_run
+    out2 = tmp_path / "again"
+    ingest.run(spark, cfg_with(), input_uri=uri(root), output_uri=uri(out2), mode="error")
+    key = lambda r: r["image_id"]  # noqa: E731
+    assert sorted(images_rows(out1), key=key) == sorted(images_rows(out2), key=key)
+    assert sorted(rejects_rows(out1), key=lambda r: r["source_path"]) == sorted(rejects_rows(out2), key=lambda r: r["source_path"])
+    assert ordered_ids(out1) == ordered_ids(out2)
+    m1, m2 = manifest(out1), manifest(out2)
+    assert comparable(m1) | {"output_uri": None} == comparable(m2) | {"output_uri": None}
+    # a rerun against the committed output is refused unless asked to overwrite
+    with pytest.raises(OutputExistsError, match="--mode overwrite"):
+        ingest.run(spark, cfg_with(), input_uri=uri(root), output_uri=uri(out2), mode="error")
+    assert manifest(out2) == m2
+
+
+# --- layouts and label sources ------------------------------------------------------------
+
+def test_layout_splits_are_honoured(spark, tmp_path):
+    raw = tmp_path / "raw"
+    files = {}
+    for split_dir, split in (("train", "train"), ("validation", "val"), ("val", "val"), ("test", "test")):
+        labelled = write_labelled(raw / split_dir, {"a": 2, "b": 2}, seed=len(files) + 1, size=12)
+        files.update({f"{split_dir}/{k}": (split, lab) for k, lab in labelled.items()})
+    (raw / "train" / "loose.png").write_bytes(png_bytes(noise(99)))
+    out = tmp_path / "out"
+    ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    got = {rel(r["source_path"], raw): (r["split"], r["label"]) for r in images_rows(out)}
+    assert got == files
+    assert [(rel(r["source_path"], raw), r["reason"]) for r in rejects_rows(out)] == [("train/loose.png", "no_label")]
+    m = manifest(out)
+    assert m["splits"] == {"test": 4, "train": 4, "val": 8}
+    assert m["row_groups"]["train"] >= 4
+
+
+def test_unlabeled_mode(spark, tmp_path):
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"x": 2}, seed=7, size=12)
+    (raw / "top.png").write_bytes(png_bytes(noise(70)))
+    (raw / "test").mkdir()
+    (raw / "test" / "t.png").write_bytes(png_bytes(noise(71)))
+    out = tmp_path / "out"
+    s = ingest.run(spark, cfg_with("ingest.label_source=none"), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    got = {rel(r["source_path"], raw): (r["split"], r["label"], r["label_index"]) for r in images_rows(out)}
+    assert got == {"x/img_7_000.png": ("unlabeled", None, None), "x/img_7_001.png": ("unlabeled", None, None),
+                   "top.png": ("unlabeled", None, None), "test/t.png": ("test", None, None)}
+    assert (s["classes"], s["class_counts"], s["rejected"]) == ({}, {}, {})
+
+
+def test_csv_manifest_labels(spark, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(4):
+        (raw / f"f{i}.png").write_bytes(png_bytes(noise(200 + i)))
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"path,label\nf0.png,red\n/f1.png,blue\n{uri(raw)}/f2.png,red\nmissing.png,red\n")
+    out = tmp_path / "out"
+    s = ingest.run(spark, cfg_with("ingest.label_source=manifest", f"ingest.manifest_uri={csv}"),
+                   input_uri=uri(raw), output_uri=uri(out), mode="error")
+    got = {rel(r["source_path"], raw): (r["label"], r["label_index"]) for r in images_rows(out)}
+    assert got == {"f0.png": ("red", 1), "f1.png": ("blue", 0), "f2.png": ("red", 1)}
+    assert [(rel(r["source_path"], raw), r["reason"]) for r in rejects_rows(out)] == [("f3.png", "no_label")]
+    assert s["files_seen"] == 4
+
+
+# --- append --------------------------------------------------------------------------
+
+def test_append_adds_only_new_files_and_keeps_splits_and_classes(spark, tmp_path):
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"cats": 6, "dogs": 6}, seed=1, size=12)
+    (raw / "cats" / "bad.png").write_bytes(b"")
+    out = tmp_path / "out"
+    first = ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    before = {r["image_id"]: r for r in images_rows(out)}
+    m1 = manifest(out)
+
+    # new files: 3 new cats, a renamed copy of an existing cat, a copy of an existing cat under dogs
+    write_labelled(raw, {"cats": 3}, seed=2, size=12)
+    shutil.copy(raw / "cats" / "img_1_000.png", raw / "cats" / "copy_of_000.png")
+    shutil.copy(raw / "cats" / "img_1_001.png", raw / "dogs" / "conflicting_001.png")
+    s = ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="append")
+    after = {r["image_id"]: r for r in images_rows(out)}
+    assert {k: after[k] for k in before} == before  # same rows, same splits, same label_index
+    assert len(after) == len(before) + 3
+    m2 = manifest(out)
+    assert m2["classes"] == m1["classes"] == {"cats": 0, "dogs": 1}
+    assert s["run"] == {"files_seen": 18, "accepted": 3, "already_ingested": 13,
+                        "rejected": {"already_ingested": 13, "duplicate": 1, "label_conflict": 1}}
+    assert m2["files_seen"] == first["files_seen"] + 5 == m2["accepted"] + sum(m2["rejected"].values())
+    assert m2["rejected"] == {"empty": 1, "duplicate": 1, "label_conflict": 1}
+    rej = {rel(r["source_path"], raw): r for r in rejects_rows(out)}
+    assert rej["cats/copy_of_000.png"]["detail"] == f"duplicate of {uri(raw)}/cats/img_1_000.png"
+    assert rej["dogs/conflicting_001.png"]["reason"] == "label_conflict"
+    assert sum(m2["splits"].values()) == len(after)
+
+    # appending the same input again changes nothing
+    ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="append")
+    assert {r["image_id"]: r for r in images_rows(out)} == after
+    assert comparable(manifest(out)) | {"appends": 0, "run": None, "timings": None} == \
+        comparable(m2) | {"appends": 0, "run": None, "timings": None}
+
+    # a new class is refused unless allowed, and the output is untouched
+    write_labelled(raw, {"birds": 2}, seed=3, size=12)
+    with pytest.raises(DataError, match="allow_new_classes=true"):
+        ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="append")
+    assert {r["image_id"]: r for r in images_rows(out)} == after
+    ingest.run(spark, cfg_with("ingest.allow_new_classes=true"), input_uri=uri(raw), output_uri=uri(out), mode="append")
+    assert manifest(out)["classes"] == {"cats": 0, "dogs": 1, "birds": 2}
+    assert sorted(r["label_index"] for r in images_rows(out) if r["label"] == "birds") == [2, 2]
+
+
+# --- reliability ------------------------------------------------------------------------
+
+def test_partial_write_and_staging_debris_are_cleaned(spark, tmp_path):
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"a": 3, "b": 3}, seed=5, size=12)
+    out = tmp_path / "out"
+    (out / "images" / "split=train").mkdir(parents=True)
+    (out / "images" / "split=train" / "part-00000-stale.parquet").write_bytes(b"half a file")
+    debris = tmp_path / f"{STAGING_PREFIX}out-0123456789ab"
+    (debris / "images").mkdir(parents=True)
+    ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    assert not debris.exists()
+    assert not list(out.rglob("*stale*"))
+    assert len(images_rows(out)) == 6 and manifest(out)["files_seen"] == 6
+
+
+def test_a_lost_row_fails_the_job_and_commits_nothing(spark, tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"a": 3, "b": 3}, seed=6, size=12)
+    out = tmp_path / "out"
+    monkeypatch.setenv(ingest.FAULT_ENV, "ingest_drop_row")
+    monkeypatch.setenv(ingest.FAULT_MARKER_ENV, str(tmp_path / "marker"))
+    with pytest.raises(InvariantError, match="6 listed but 5 accepted"):
+        ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
+
+
+def test_check_invariant():
+    ingest.check_invariant(5, 3, {"corrupt": 1, "empty": 1})
+    with pytest.raises(InvariantError, match=r"files_seen \(5\) != accepted \(3\) \+ rejected \(1\) = 4"):
+        ingest.check_invariant(5, 3, {"corrupt": 1})
+
+
+def test_bad_arguments_fail_before_writing(spark, tmp_path):
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"a": 1}, seed=8, size=12)
+    with pytest.raises(ConfigError, match="--mode must be one of error, overwrite, append"):
+        ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(tmp_path / "o"), mode="merge")
+    with pytest.raises(ConfigError, match="overlap"):
+        ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(raw / "out"), mode="error")
+    with pytest.raises(DataError, match="not an existing folder"):
+        ingest.run(spark, cfg_with(), input_uri=uri(tmp_path / "nope"), output_uri=uri(tmp_path / "o"), mode="error")
+    with pytest.raises(ConfigError, match="PIXELMILL_FAULT_INJECT"):
+        os.environ[ingest.FAULT_ENV] = "explode"
+        try:
+            ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(tmp_path / "o"), mode="error")
+        finally:
+            del os.environ[ingest.FAULT_ENV]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_cli_bad_flag_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipeline", "ingest", "--input", str(tmp_path), "--output",
+                        str(tmp_path / "o"), "--mode", "merge"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "--mode" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fault", ["ingest_batch_once", "ingest_worker_kill_once"])
+def test_spark_retries_a_failed_batch_and_output_equals_a_clean_run(fault, corpus, corpus_run, tmp_path):
+    """A real spark job (local[2,4]: 4 attempts per task) with one batch failing or its worker SIGKILLed."""
+    root, _ = corpus
+    clean_out, _ = corpus_run
+    out = tmp_path / "out"
+    marker = tmp_path / "marker"
+    env = {**os.environ, ingest.FAULT_ENV: fault, ingest.FAULT_MARKER_ENV: str(marker)}
+    sets = [*SPARK_TEST, "spark.master=local[2,4]", "spark.conf.spark.driver.memory=1g",
+            *CORPUS_OVERRIDES, "ingest.batch_rows=8"]
+    cmd = [sys.executable, "-m", "pipeline", "ingest", "--input", str(root), "--output", str(out),
+           "--config", "local.yaml", "--log-level", "WARNING"]
+    for s in sets:
+        cmd += ["--set", s]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert marker.exists()  # the fault really fired
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    key = lambda x: x["image_id"]  # noqa: E731
+    assert sorted(images_rows(out), key=key) == sorted(images_rows(clean_out), key=key)
+    assert sorted(rejects_rows(out), key=lambda x: x["source_path"]) == \
+        sorted(rejects_rows(clean_out), key=lambda x: x["source_path"])
+    m, mc = manifest(out), manifest(clean_out)
+    for k in ("files_seen", "accepted", "rejected", "splits", "classes", "class_counts", "stats"):
+        assert m[k] == mc[k] == (summary[k] if k in summary else m[k])
