@@ -449,6 +449,36 @@ def test_undecodable_and_oversized_images_are_rejected_not_lost(spark, cfg, kera
     assert json.loads((tmp_path / "scored" / "_metrics.json").read_text())["rows"] == 8
 
 
+def test_real_ingest_output_is_scored_row_for_row(spark, cfg, ingested_sample, tmp_path):
+    """The ingest stage's own output (conftest ``ingested_sample``), not a hand-written layout."""
+    import keras
+
+    from pipeline import score
+
+    man = json.loads(Path(ingested_sample[len("file://"):], "_manifest.json").read_text())
+    img = man["image"]
+    keras.utils.set_random_seed(11)
+    model = keras.Sequential([
+        keras.Input((img["height"], img["width"], img["channels"])),
+        keras.layers.Conv2D(6, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(man["classes"]), activation="softmax"),
+    ])
+    model_dir = export_model(model, tmp_path / "m", manifest=man, classes=man["classes"])
+    out = "file://" + str(tmp_path / "scored")
+    summary = score.run(spark, cfg, data_uri=ingested_sample, model_uri=model_dir, output_uri=out, split="test",
+                        mode="error")
+    rows = read_images(ingested_sample, "test")
+    assert summary["rows"] == summary["rows_in"] == len(rows) == man["splits"]["test"] > 0
+    got = predictions(spark, out).set_index("image_id").loc[list(rows["image_id"])]
+    expected = model.predict(reference_inputs(rows, man), verbose=0)
+    np.testing.assert_allclose(got["probability"].to_numpy(), expected.max(axis=1), rtol=1e-4, atol=1e-5)
+    assert list(got["label"]) == list(rows["label"])
+    saved = json.loads((tmp_path / "scored" / "_metrics.json").read_text())
+    assert saved["rows"] == len(rows)
+    assert saved["classes"] == sorted(man["classes"], key=man["classes"].get)
+
+
 def test_cli_rejects_bad_arguments_in_one_line_before_spark_starts(tmp_path, repo_root):
     base = [sys.executable, "-m", "pipeline", "score", "--data", str(tmp_path / "d"), "--model", str(tmp_path / "m"),
             "--output", str(tmp_path / "o")]
