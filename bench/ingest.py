@@ -1,0 +1,259 @@
+"""Benchmark: the Spark ingest job vs a plain 2-process Python loop doing the same per-image work.
+
+    .venv/bin/python bench/ingest.py
+
+Prepares its own data in ``bench/.cache/`` (git-ignored), once:
+
+* ``fashion``: 20,000 real Fashion-MNIST images (Debian ``dataset-fashion-mnist``,
+  IDX gz) written as 28x28 grayscale PNGs in class folders; ingested to 28x28 L PNG.
+* ``photos``: 2,000 real photos as ~500x375 JPEGs, cut (random scale, offset, flip)
+  from the photos bundled in the scikit-image wheel (downloaded with
+  ``pip download --no-deps``, read as a zip, never installed); ingested to 224x224 RGB PNG.
+
+Per dataset it measures, in this process, side by side:
+
+* **plain**: ``multiprocessing.Pool(2)`` over the files, each worker reading the bytes and
+  running the same :mod:`pipeline.images` work as the Spark job (sha256, layout/label,
+  hash split, validate/normalise/resize/re-encode, pixel sums); results returned to the
+  parent (no Parquet written: the baseline is the per-image work alone);
+* **spark**: ``pipeline.ingest.run`` end to end on ``local[2]`` (warm session: listing,
+  cleaning, dedup, shuffle within split, Parquet write, reconcile, commit).
+
+Each is run ``REPEATS`` times, alternating; the best run of each is reported. The last line of
+output is one JSON object with the figures and ``ratio`` (Spark / plain, the smaller of the two
+datasets' ratios), plus ``ratio_fashion`` and ``ratio_photos``.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "bench" / ".cache"
+FASHION_DIRS = (Path("/usr/share/datasets/fashion-mnist"), CACHE / "deb" / "usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+N_FASHION = 20_000
+N_PHOTOS = 2_000
+PHOTO_SOURCES = ("astronaut.png", "coffee.png", "rocket.jpg", "chelsea.png", "hubble_deep_field.jpg",
+                 "retina.jpg", "motorcycle_left.png", "ihc.png", "color.png", "grass.png")
+REPEATS = int(os.environ.get("BENCH_REPEATS", "2"))
+PROCS = 2
+
+log = logging.getLogger("bench.ingest")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def _fashion_gz() -> Path:
+    for d in FASHION_DIRS:
+        if (d / "train-images-idx3-ubyte.gz").is_file():
+            return d
+    deb = CACHE / "deb"
+    deb.mkdir(parents=True, exist_ok=True)
+    log.info("fetching the Debian package dataset-fashion-mnist into %s", deb)
+    subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=deb, check=True)
+    pkg = sorted(deb.glob("dataset-fashion-mnist_*.deb"))[-1]
+    subprocess.run(["dpkg", "-x", str(pkg), str(deb)], check=True)
+    return FASHION_DIRS[1]
+
+
+def prepare_fashion() -> Path:
+    root = CACHE / "fashion_png"
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    from PIL import Image
+
+    shutil.rmtree(root, ignore_errors=True)
+    src = _fashion_gz()
+    with gzip.open(src / "train-images-idx3-ubyte.gz") as f:
+        _, n, h, w = struct.unpack(">IIII", f.read(16))
+        images = np.frombuffer(f.read(n * h * w), np.uint8).reshape(n, h, w)
+    with gzip.open(src / "train-labels-idx1-ubyte.gz") as f:
+        f.read(8)
+        labels = np.frombuffer(f.read(n), np.uint8)
+    for c in FASHION_CLASSES:
+        (root / "data" / c).mkdir(parents=True, exist_ok=True)
+    for i in range(N_FASHION):
+        Image.fromarray(images[i], "L").save(root / "data" / FASHION_CLASSES[labels[i]] / f"{i:05d}.png")
+    done.write_text("ok\n")
+    return root
+
+
+def _skimage_wheel() -> Path:
+    wheels = CACHE / "wheels"
+    found = sorted(wheels.glob("scikit_image-*.whl"))
+    if not found:
+        wheels.mkdir(parents=True, exist_ok=True)
+        log.info("downloading the scikit-image wheel (its bundled photos only) into %s", wheels)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "scikit-image", "-d", str(wheels)], check=True)
+        found = sorted(wheels.glob("scikit_image-*.whl"))
+    return found[-1]
+
+
+def prepare_photos() -> Path:
+    root = CACHE / "photos_jpg"
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    from PIL import Image
+
+    shutil.rmtree(root, ignore_errors=True)
+    sources = []
+    with zipfile.ZipFile(_skimage_wheel()) as z:
+        for name in PHOTO_SOURCES:
+            with z.open(f"skimage/data/{name}") as f:
+                sources.append((Path(name).stem, Image.open(io.BytesIO(f.read())).convert("RGB")))
+    rng = np.random.default_rng(0)
+    tw, th = 500, 375
+    for i in range(N_PHOTOS):
+        label, img = sources[i % len(sources)]
+        w, h = img.size
+        s = max(tw / w, th / h) * float(rng.uniform(1.0, 1.6))
+        scaled = img.resize((max(tw, round(w * s)), max(th, round(h * s))), Image.Resampling.BILINEAR)
+        x = int(rng.integers(0, scaled.width - tw + 1))
+        y = int(rng.integers(0, scaled.height - th + 1))
+        crop = scaled.crop((x, y, x + tw, y + th))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        d = root / "data" / label
+        d.mkdir(parents=True, exist_ok=True)
+        crop.save(d / f"{i:05d}.jpg", "JPEG", quality=90)
+    done.write_text("ok\n")
+    return root
+
+
+# --- the plain baseline ----------------------------------------------------------------------
+
+_CTX: Dict[str, Any] = {}
+
+
+def _init_worker(opts: Any, root_uri: str, fractions: Dict[str, float], seed: int) -> None:
+    _CTX.update(opts=opts, root=root_uri, fractions=fractions, seed=seed)
+
+
+def _plain_one(path: str) -> Tuple[str, str, str, Any]:
+    from pipeline import images as im
+
+    with open(path, "rb") as f:
+        data = f.read()
+    uri = "file://" + path
+    iid = im.image_id(data)
+    split, rest = im.layout_split(im.relative_parts(uri, _CTX["root"]))
+    label = im.folder_label(rest)
+    split = split or im.hash_split(iid, _CTX["fractions"], _CTX["seed"])
+    r = im.clean_image(data, uri, _CTX["opts"])
+    return iid, split, label or "", (r.image if isinstance(r, im.Cleaned) else r.reason)
+
+
+def run_plain(files: Sequence[str], cfg: Any, root_uri: str) -> Dict[str, Any]:
+    from pipeline import images as im
+
+    opts = im.ImageOptions.from_config(cfg.ingest)
+    t = time.perf_counter()
+    with mp.get_context("fork").Pool(PROCS, _init_worker,
+                                     (opts, root_uri, dict(cfg.ingest.split_fractions), cfg.ingest.seed)) as pool:
+        out = pool.map(_plain_one, files, chunksize=64)
+    dt = time.perf_counter() - t
+    ok = sum(1 for o in out if isinstance(o[3], bytes))
+    return {"seconds": round(dt, 3), "images_per_second": round(len(files) / dt, 1), "accepted": ok}
+
+
+# --- the Spark job -------------------------------------------------------------------------
+
+def run_spark(spark: Any, cfg: Any, root: Path, out: Path) -> Dict[str, Any]:
+    from pipeline import ingest
+
+    t = time.perf_counter()
+    s = ingest.run(spark, cfg, input_uri="file://" + str(root), output_uri="file://" + str(out), mode="overwrite")
+    dt = time.perf_counter() - t
+    return {"seconds": round(dt, 3), "images_per_second": round(s["files_seen"] / dt, 1), "accepted": s["accepted"],
+            "timings": s["timings"]}
+
+
+def bench_dataset(spark: Any, name: str, root: Path, overrides: List[str]) -> Dict[str, Any]:
+    from pipeline.config import load_config
+
+    cfg = load_config(["local.yaml"], [*BASE_OVERRIDES, *overrides])
+    data = root / "data"
+    files = sorted(str(p) for p in data.rglob("*") if p.is_file())
+    out = CACHE / "out" / name
+    plain: List[Dict[str, Any]] = []
+    sparks: List[Dict[str, Any]] = []
+    for rep in range(REPEATS):
+        plain.append(run_plain(files, cfg, "file://" + str(data)))
+        print(f"[{name}] run {rep + 1}: plain {plain[-1]['images_per_second']:>8.1f} img/s", flush=True)
+        sparks.append(run_spark(spark, cfg, data, out))
+        print(f"[{name}] run {rep + 1}: spark {sparks[-1]['images_per_second']:>8.1f} img/s  {sparks[-1]['timings']}",
+              flush=True)
+    bp = max(plain, key=lambda r: r["images_per_second"])
+    bs = max(sparks, key=lambda r: r["images_per_second"])
+    assert bp["accepted"] == bs["accepted"], (bp, bs)
+    return {"files": len(files), "plain_ips": bp["images_per_second"], "spark_ips": bs["images_per_second"],
+            "ratio": round(bs["images_per_second"] / bp["images_per_second"], 3)}
+
+
+BASE_OVERRIDES = ["spark.ui_enabled=false", "spark.log_level=ERROR", "spark.master=local[2]"]
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    from pipeline.config import load_config
+    from pipeline.spark import build_session
+
+    t = time.perf_counter()
+    fashion, photos = prepare_fashion(), prepare_photos()
+    print(f"data ready in {time.perf_counter() - t:.1f}s: {fashion}, {photos}", flush=True)
+    spark = build_session(load_config(["local.yaml"], BASE_OVERRIDES).spark, app_suffix="bench-ingest")
+    try:
+        # warm-up: JVM JIT, Python workers, imports
+        from pipeline import ingest
+
+        warm = CACHE / "warm"
+        shutil.rmtree(warm, ignore_errors=True)
+        for i, p in enumerate(sorted((fashion / "data" / "bag").glob("*.png"))[:200]):
+            (warm / "bag").mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, warm / "bag" / p.name)
+        ingest.run(spark, load_config(["local.yaml"], [*BASE_OVERRIDES, "ingest.max_train_procs=1"]),
+                   input_uri="file://" + str(warm), output_uri="file://" + str(CACHE / "out" / "warm"), mode="overwrite")
+        res = {
+            "fashion": bench_dataset(spark, "fashion", fashion, [
+                "ingest.height=28", "ingest.width=28", "ingest.color_mode=L", "ingest.encode_format=png"]),
+            "photos": bench_dataset(spark, "photos", photos, [
+                "ingest.height=224", "ingest.width=224", "ingest.color_mode=RGB", "ingest.encode_format=png"]),
+        }
+    finally:
+        spark.stop()
+    print()
+    print(f"{'dataset':<10}{'files':>8}{'plain img/s':>14}{'spark img/s':>14}{'ratio':>8}")
+    for k, v in res.items():
+        print(f"{k:<10}{v['files']:>8}{v['plain_ips']:>14.1f}{v['spark_ips']:>14.1f}{v['ratio']:>8.3f}")
+    summary = {
+        "benchmark": "ingest", "cores": os.cpu_count(), "processes": PROCS, "repeats": REPEATS,
+        "fashion_plain_ips": res["fashion"]["plain_ips"], "fashion_spark_ips": res["fashion"]["spark_ips"],
+        "photos_plain_ips": res["photos"]["plain_ips"], "photos_spark_ips": res["photos"]["spark_ips"],
+        "ratio_fashion": res["fashion"]["ratio"], "ratio_photos": res["photos"]["ratio"],
+        "ratio": min(res["fashion"]["ratio"], res["photos"]["ratio"]),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
