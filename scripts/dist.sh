@@ -103,7 +103,7 @@ PYEOF
 xargs -r "$WPY" -m pip uninstall -q -y <"$DIST/removed.txt" >/dev/null 2>&1 \
     || die "could not remove dev-only packages from $WORK (list: $DIST/removed.txt)"
 "$WPY" -m pip install -q --no-index --no-deps "$WHEEL" || die "could not install $WHEEL into $WORK"
-"$WPY" -m pip check >/dev/null || die "pip check failed in the packed env: a runtime dependency is missing"
+CHECK="$("$WPY" -m pip check 2>&1)" || { printf '%s\n' "$CHECK" >&2; die "pip check failed in the packed env: a runtime dependency is missing"; }
 TF_CPP_MIN_LOG_LEVEL=2 "$WPY" - "$WORK" <<'PYEOF' || die "the packed env does not import the stack (see above)"
 import importlib.metadata as md
 import sys
