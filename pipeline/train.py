@@ -6,9 +6,9 @@ enough row groups and task slots for ``train.num_proc``, a model-dir that
 matches the data), then runs :func:`pipeline.trainer.train_fn` in
 ``train.num_proc`` Spark tasks with ``horovod.spark.run`` (Gloo).
 
-``horovod.spark.run`` runs in a thread watched by a watchdog: Horovod
-processes' output is forwarded to the driver log, and rank 0 prints a
-heartbeat after training steps. No heartbeat within ``train.start_timeout`` +
+``horovod.spark.run`` runs watched by a watchdog thread: rank 0 rewrites
+``<model_dir>/_progress.json`` while steps complete (the driver logs its epoch
+lines as they come). No progress within ``train.start_timeout`` +
 ``train.step_timeout`` of the launch, or for ``train.step_timeout`` later, and
 the watchdog cancels the Spark job group and fails with one line naming the
 key to raise. A killed Horovod process makes its peers' collectives fail at
@@ -19,11 +19,13 @@ and a rerun with the same ``--model-dir`` resumes from the last checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from pipeline.errors import ConfigError, DataError, InvariantError, TrainingError
@@ -42,12 +44,13 @@ CANCEL_GRACE_S = 30.0
 
 
 class _OutputTap:
-    """A file-like sink for Horovod's forwarded stdout/stderr: logs lines, records heartbeats."""
+    """A file-like sink for Horovod's forwarded stdout/stderr: logs lines, keeps the tail for errors.
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.last_beat: Optional[float] = None
-        self.beats = 0
+    Horovod forwards output in 64 KB chunks, so these lines arrive late; live
+    progress comes from :class:`_Progress`.
+    """
+
+    def __init__(self) -> None:
         self._buf = ""
         self._lock = threading.Lock()
         self.tail: List[str] = []
@@ -58,27 +61,53 @@ class _OutputTap:
         with self._lock:
             self._buf += text
             *lines, self._buf = self._buf.split("\n")
-        for line in lines:
-            self._line(line.rstrip("\r"))
+            for line in lines:
+                line = line.rstrip("\r")
+                if line.strip():
+                    self.tail = (self.tail + [line])[-40:]
+                    log.debug("%s", line)
         return len(text)
-
-    def _line(self, line: str) -> None:
-        from pipeline.trainer import HEARTBEAT
-
-        if HEARTBEAT in line:
-            self.last_beat = time.monotonic()
-            self.beats += 1
-            return
-        if not line.strip():
-            return
-        self.tail = (self.tail + [line])[-20:]
-        log.info("%s", line)
 
     def flush(self) -> None:
         pass
 
     def isatty(self) -> bool:
         return False
+
+
+class _Progress:
+    """Polls rank 0's ``_progress.json``: liveness for the watchdog, epoch lines for the log."""
+
+    def __init__(self, model_dir: str, run_id: str) -> None:
+        from pipeline.trainer import PROGRESS, ModelDirStore
+
+        # The same filesystem client the trainer writes with; no Py4J calls from this thread.
+        self.store = ModelDirStore(model_dir)
+        self.name = PROGRESS
+        self.run_id = run_id
+        self.seq = -1
+        self.logged = 0
+        self.last_beat: Optional[float] = None
+
+    def clear(self) -> None:
+        if self.store.exists(self.name):
+            self.store.fs.delete_file(self.store.path(self.name))
+
+    def poll(self) -> None:
+        try:
+            if not self.store.exists(self.name):
+                return
+            data = json.loads(self.store.read_bytes(self.name))
+        except Exception:  # noqa: BLE001 - half-visible file on an eventually consistent store
+            return
+        if data.get("run_id") != self.run_id or data.get("seq") == self.seq:
+            return
+        self.seq = data["seq"]
+        self.last_beat = time.monotonic()
+        lines = data.get("epoch_lines") or []
+        for line in lines[self.logged:]:
+            log.info("%s", line)
+        self.logged = len(lines)
 
 
 def manifest_sha256(data_uri: str) -> str:
@@ -187,12 +216,16 @@ def _explain_failure(err: BaseException, tap: _OutputTap, cfg: "Config", model_d
                 f"free {cfg.train.num_proc} task slots or raise train.start_timeout")
     code = re.search(r"Exit code: (-?\d+)", text)
     name = re.search(r"Process name: (\S+)", text)
+    if not code:
+        first = (text.strip().splitlines() or [type(err).__name__])[0][:300]
+        return (f"training failed: {type(err).__name__}: {first}. Rerun with the same --model-dir {model_dir} "
+                "to resume from the last checkpoint")
     why = ""
     if code:
         c = int(code.group(1))
         why = f" (exit code {c}{', killed by signal ' + str(-c) if c < 0 else ''})"
     who = f"Horovod process {name.group(1)}" if name else "a Horovod process"
-    hint = next((line for line in reversed(tap.tail) if "Error" in line or "error" in line), "")
+    hint = next((line for line in reversed(tap.tail) if re.search(r"Error\b|error:", line)), "")
     hint = f"; last error: {hint.strip()[:300]}" if hint else ""
     return (f"training failed: {who} exited{why}{hint}. Rerun with the same --model-dir {model_dir} "
             "to resume from the last checkpoint")
@@ -236,7 +269,7 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
         fault = parse_fault(os.environ.get(FAULT_ENV))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    spec = {"data_uri": data_uri, "model_dir": model_dir, "cfg": cfg.to_dict(), "manifest_sha256": manifest_sha,
+    spec = {"run_id": uuid.uuid4().hex, "data_uri": data_uri, "model_dir": model_dir, "cfg": cfg.to_dict(), "manifest_sha256": manifest_sha,
             "fingerprint": fp, "fault": fault, "num_proc": cfg.train.num_proc}
     results = _launch(spark, cfg, spec, model_dir)
 
@@ -265,58 +298,75 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
 
 
 def _launch(spark: "SparkSession", cfg: "Config", spec: Dict[str, Any], model_dir: str) -> List[Dict[str, Any]]:
-    """``horovod.spark.run`` in a watched thread; returns the per-rank results."""
+    """``horovod.spark.run`` watched by a watchdog thread; returns the per-rank results.
+
+    Horovod installs signal handlers, so it must run in the main thread; the
+    watchdog runs beside it and, when progress stops, cancels the Spark job
+    group (which ends the Horovod tasks) and, if Horovod still has not
+    returned after a grace period, interrupts the main thread.
+    """
+    import _thread
+
     import horovod.spark
     from horovod.spark.driver import job_id
 
     from pipeline.trainer import train_fn
 
     tc = cfg.train
-    tap = _OutputTap("horovod")
-    box: Dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = horovod.spark.run(
-                train_fn, args=(spec,), num_proc=tc.num_proc, start_timeout=tc.start_timeout,
-                use_gloo=True, nics=list(tc.nics) if tc.nics else None, env=horovod_env(cfg),
-                stdout=tap, stderr=tap, verbose=1 if tc.verbose >= 2 else 0)
-        except BaseException as e:  # noqa: BLE001 - handed to the driver thread
-            box["error"] = e
-
+    tap = _OutputTap()
+    progress = _Progress(model_dir, spec["run_id"])
+    progress.clear()
     sc = spark.sparkContext
     sc.setJobDescription(f"pixelmill train {tc.num_proc} Horovod process(es) -> {model_dir}")
-    spec["_launched_unix"] = time.time()
-    started = time.monotonic()
     group = f"horovod.spark.run.{job_id.JOB_ID + 1}"  # the group horovod.spark.run is about to use
-    thread = threading.Thread(target=target, name="horovod-spark-run", daemon=True)
-    thread.start()
-    log.info("launched %d Horovod process(es) (Spark job group %s); start_timeout %ds, step_timeout %ds",
+    done = threading.Event()
+    verdict: Dict[str, str] = {}
+
+    def watchdog() -> None:
+        started = time.monotonic()
+        while not done.wait(1.0):
+            progress.poll()
+            now = time.monotonic()
+            reason = None
+            if progress.last_beat is None:
+                if now - started > tc.start_timeout + tc.step_timeout:
+                    reason = (f"no training progress within train.start_timeout + train.step_timeout = "
+                              f"{tc.start_timeout + tc.step_timeout}s of the launch: a Horovod process is stuck or "
+                              "dead (raise train.start_timeout if the cluster is slow to start)")
+            elif now - progress.last_beat > tc.step_timeout:
+                reason = (f"no training progress for train.step_timeout={tc.step_timeout}s: a Horovod process is "
+                          "stuck or dead (raise train.step_timeout if one step or one validation legitimately "
+                          f"takes longer). Rerun with the same --model-dir {model_dir} to resume")
+            if reason:
+                verdict["reason"] = reason
+                log.error("%s; cancelling Spark job group %s", reason, group)
+                sc.cancelJobGroup(group)
+                if not done.wait(CANCEL_GRACE_S):
+                    log.error("Horovod did not stop %ds after the cancel: interrupting the driver", CANCEL_GRACE_S)
+                    _thread.interrupt_main()
+                return
+
+    spec["_launched_unix"] = time.time()
+    dog = threading.Thread(target=watchdog, name="pixelmill-train-watchdog", daemon=True)
+    dog.start()
+    log.info("launching %d Horovod process(es) (Spark job group %s); start_timeout %ds, step_timeout %ds",
              tc.num_proc, group, tc.start_timeout, tc.step_timeout)
-    reason: Optional[str] = None
-    while thread.is_alive():
-        thread.join(timeout=1.0)
-        if not thread.is_alive():
-            break
-        now = time.monotonic()
-        if tap.last_beat is None:
-            if now - started > tc.start_timeout + tc.step_timeout:
-                reason = (f"no training progress within train.start_timeout + train.step_timeout = "
-                          f"{tc.start_timeout + tc.step_timeout}s of the launch: a Horovod process is stuck or dead "
-                          "(raise train.start_timeout if the cluster is slow to start)")
-        elif now - tap.last_beat > tc.step_timeout:
-            reason = (f"no training progress for train.step_timeout={tc.step_timeout}s: a Horovod process is "
-                      f"stuck or dead (raise train.step_timeout if one step or one validation legitimately "
-                      "takes longer). Rerun with the same --model-dir to resume")
-        if reason:
-            log.error("%s; cancelling Spark job group %s", reason, group)
-            sc.cancelJobGroup(group)
-            thread.join(timeout=CANCEL_GRACE_S)
-            raise TrainingError(reason)
-    if "error" in box:
-        err = box["error"]
+    try:
+        results = horovod.spark.run(
+            train_fn, args=(spec,), num_proc=tc.num_proc, start_timeout=tc.start_timeout,
+            use_gloo=True, nics=list(tc.nics) if tc.nics else None, env=horovod_env(cfg),
+            stdout=tap, stderr=tap, verbose=1 if tc.verbose >= 2 else 0)
+    except BaseException as err:  # noqa: BLE001 - every failure becomes one line
+        if "reason" in verdict:
+            raise TrainingError(verdict["reason"]) from err
         if isinstance(err, KeyboardInterrupt):
             sc.cancelJobGroup(group)
-            raise err
+            raise
         raise TrainingError(_explain_failure(err, tap, cfg, model_dir)) from err
-    return list(box["result"])
+    finally:
+        done.set()
+        progress.poll()
+    if "reason" in verdict:  # pragma: no cover - cancelled right as it finished
+        raise TrainingError(verdict["reason"])
+    progress.clear()  # kept after a failure: it shows where training stopped
+    return list(results)

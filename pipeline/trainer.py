@@ -20,9 +20,10 @@ ingest manifest's hash), never the SparkSession. It:
    ``training_curves.png``, TensorBoard logs, and finally ``model/model.keras``
    and ``model.json`` (see docs/contracts.md).
 
-Rank 0 also prints a heartbeat line to stderr after training steps complete;
-the driver's watchdog fails the job when heartbeats stop for longer than
-``train.step_timeout``.
+Rank 0 also rewrites ``<model_dir>/_progress.json`` every few seconds while
+steps complete (and at each epoch's end, with the epoch line); the driver logs
+the epoch lines and its watchdog fails the job when the file stops changing
+for longer than ``train.step_timeout``.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
-#: Printed by rank 0 on stderr after steps complete; the driver's watchdog reads it.
-HEARTBEAT = "@@pixelmill-heartbeat"
+#: Rank 0's progress file in the model-dir; the driver's watchdog reads it.
+PROGRESS = "_progress.json"
 #: Environment variable the driver forwards for fault-injection tests: ``kill:rank=1:epoch=2:step=3``
 #: (SIGKILL that rank there) or ``hang:rank=1:epoch=2:step=3`` (stop making progress).
 FAULT_ENV = "PIXELMILL_TRAIN_FAULT"
@@ -369,14 +370,35 @@ def _setup_logging(rank: int, verbose: int) -> None:
 
 
 class _Heartbeat:
-    def __init__(self, enabled: bool, every_s: float = 2.0) -> None:
-        self.enabled, self.every_s, self.last = enabled, every_s, 0.0
+    """Rank 0's liveness and progress signal to the driver: ``<model_dir>/_progress.json``.
 
-    def beat(self, what: str, force: bool = False) -> None:
+    Horovod forwards process output to the driver in 64 KB chunks, too late for
+    a watchdog, so rank 0 rewrites a small JSON file (atomically) at most every
+    ``every_s`` seconds after steps complete, and at each epoch's end.
+    """
+
+    def __init__(self, store: Optional["ModelDirStore"], run_id: str, every_s: float = 2.0) -> None:
+        self.store, self.run_id, self.every_s = store, run_id, every_s
+        self.last = 0.0
+        self.seq = 0
+        self.epoch_lines: List[str] = []
+
+    def beat(self, what: str, force: bool = False, epoch_line: Optional[str] = None) -> None:
+        if self.store is None:
+            return
+        if epoch_line:
+            self.epoch_lines = (self.epoch_lines + [epoch_line])[-50:]
         now = time.monotonic()
-        if self.enabled and (force or now - self.last >= self.every_s):
-            self.last = now
-            print(f"{HEARTBEAT} {what}", file=sys.stderr, flush=True)
+        if not (force or now - self.last >= self.every_s):
+            return
+        self.last = now
+        self.seq += 1
+        payload = {"run_id": self.run_id, "seq": self.seq, "what": what, "unix": time.time(),
+                   "epoch_lines": self.epoch_lines}
+        try:
+            self.store.write_text(PROGRESS, json.dumps(payload))
+        except Exception as e:  # noqa: BLE001 - progress must never kill training
+            log.warning("could not write %s: %s", PROGRESS, e)
 
 
 def _maybe_fault(fault: Optional[Mapping[str, Any]], rank: int, epoch: int, step: int) -> None:
@@ -555,7 +577,8 @@ def _train(spec: Dict[str, Any], cfg: Any, hvd: Any, rank: int, size: int, local
         os.makedirs(tb_local or tb_tmp, exist_ok=True)
         writer = tf.summary.create_file_writer(tb_local or tb_tmp)
 
-    heartbeat = _Heartbeat(rank == 0)
+    heartbeat = _Heartbeat(store if rank == 0 else None, str(spec.get("run_id", "")),
+                           every_s=max(1.0, min(10.0, tc.step_timeout / 10)))
     heartbeat.beat("started", force=True)
     first_step_unix: Optional[float] = None
     global_batch = tc.batch_size * size
@@ -628,14 +651,15 @@ def _train(spec: Dict[str, Any], cfg: Any, hvd: Any, rank: int, size: int, local
                     if monitored is None:  # no val split: watch the train metric instead
                         monitored = row[es.metric.replace("val_", "train_")]
                     es.update(epoch, float(monitored))
+                    line = (f"epoch {epoch}/{tc.epochs}  loss {row['train_loss']:.4f}  "
+                            f"acc {row['train_accuracy']:.4f}  val_loss {_fmt(row['val_loss'])}  "
+                            f"val_acc {_fmt(row['val_accuracy'])}  lr {lr:.2e}  "
+                            f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f}s")
                     if rank == 0:
-                        log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %s  val_acc %s  lr %.2e  %.0f img/s  %.1fs",
-                                 epoch, tc.epochs, row["train_loss"], row["train_accuracy"],
-                                 _fmt(row["val_loss"]), _fmt(row["val_accuracy"]), lr, row["images_per_second"],
-                                 row["epoch_seconds"])
+                        log.info("%s", line)
                         _write_epoch_outputs(store, model, optimizer, writer, tb_tmp, history, es, epoch,
                                              spec, tc)
-                    heartbeat.beat(f"epoch={epoch} done", force=True)
+                    heartbeat.beat(f"epoch={epoch} done", force=True, epoch_line=line)
                     if es.stopped:
                         if rank == 0:
                             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",

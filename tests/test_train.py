@@ -1,7 +1,7 @@
 """Horovod-on-Spark training: real local[2] Spark, real Parquet, real Horovod over Gloo.
 
 The expensive part (Horovod launches, ~15 s each) is shared: one model-dir is
-trained for 1 epoch, then resumed to 3 epochs, and most assertions read that
+trained for 1 epoch, then resumed to 5 epochs, and most assertions read that
 model-dir. A second model-dir has rank 1 SIGKILLed mid-epoch and is resumed.
 """
 from __future__ import annotations
