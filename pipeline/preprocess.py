@@ -136,24 +136,33 @@ def normalize_np(x: np.ndarray, norm: Normalization) -> np.ndarray:
 def tf_decode(image: Any, spec: ImageSpec, max_pixels: Optional[int] = None) -> Any:
     """Decode one encoded image tensor into float32 ``(h, w, c)`` with 0..255 values.
 
-    PNG headers are checked against ``spec`` before the pixels are decoded.
+    The PNG/JPEG header is checked before the pixels are decoded: more than ``max_pixels``
+    (default: the manifest's ``h x w``) is a decompression bomb, any other size than ``spec``'s
+    is data this ingest did not write. Both fail with a message that says to re-run ingest.
     """
     import tensorflow as tf
 
     limit = int(max_pixels or spec.height * spec.width)
+    expected_hw = tf.constant([spec.height, spec.width], tf.int64)
     if spec.format == "png":
         wh = tf.io.decode_raw(tf.strings.substr(image, 16, 8), tf.int32, little_endian=False)
-        pixels = tf.cast(wh[0], tf.int64) * tf.cast(wh[1], tf.int64)
-        with tf.control_dependencies([tf.debugging.assert_less_equal(
-                pixels, tf.constant(limit, tf.int64),
-                message="stored PNG is larger than the manifest's image size (re-run ingest)")]):
-            x = tf.io.decode_png(image, channels=spec.channels)
+        hw = tf.cast(tf.stack([wh[1], wh[0]]), tf.int64)
     else:
-        shape = tf.image.extract_jpeg_shape(image)
-        pixels = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
-        with tf.control_dependencies([tf.debugging.assert_less_equal(
-                pixels, tf.constant(limit, tf.int64),
-                message="stored JPEG is larger than the manifest's image size (re-run ingest)")]):
+        hw = tf.cast(tf.image.extract_jpeg_shape(image)[:2], tf.int64)
+    kind = spec.format.upper()
+    checks = [
+        tf.debugging.assert_less_equal(
+            hw[0] * hw[1], tf.constant(limit, tf.int64),
+            message=f"stored {kind} is larger than the image size in the manifest (re-run ingest)"),
+        # Any other size fails later anyway; say why here, before decoding.
+        tf.debugging.assert_equal(
+            hw, expected_hw,
+            message=f"stored {kind} is not {spec.height}x{spec.width} as the manifest says (re-run ingest)"),
+    ]
+    with tf.control_dependencies(checks):
+        if spec.format == "png":
+            x = tf.io.decode_png(image, channels=spec.channels)
+        else:
             x = tf.io.decode_jpeg(image, channels=spec.channels)
     x = tf.ensure_shape(x, spec.shape)
     return tf.cast(x, tf.float32)

@@ -424,8 +424,12 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("claimed", [(30000, 30000), (W, H + 1)])
-def test_oversized_image_in_the_parquet_is_refused_before_decoding(tmp_path, cfg, claimed):
+@pytest.mark.parametrize("claimed, message", [
+    ((30000, 30000), "stored PNG is larger than the image size in the manifest \\(re-run ingest\\)"),
+    ((W, H + 1), "stored PNG is larger than the image size in the manifest"),
+    ((W, H - 1), f"stored PNG is not {H}x{W} as the manifest says \\(re-run ingest\\)"),
+])
+def test_wrongly_sized_image_in_the_parquet_is_refused_before_decoding(tmp_path, cfg, claimed, message):
     import tensorflow as tf
 
     from pipeline.dataset import eval_dataset
@@ -433,7 +437,7 @@ def test_oversized_image_in_the_parquet_is_refused_before_decoding(tmp_path, cfg
     uri = write_ingest_layout(tmp_path / "o", {"val": [[3]]},
                               image_fn=lambda k: _png_claiming(*claimed) if k == 1 else png_bytes(pixels(k)))
     with eval_dataset(uri, cfg, split="val", rank=0, size=1, batch_size=8) as data:
-        with pytest.raises(tf.errors.InvalidArgumentError, match="re-run ingest"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             list(data.dataset)
 
 
