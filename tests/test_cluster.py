@@ -151,6 +151,7 @@ def test_ingest_train_score_on_the_cluster_with_the_packed_env(cluster, packed, 
     ]
     # conf/cluster.yaml as a user would pass it, shrunk to this 2 x 1-core cluster.
     overrides = ["spark.conf.spark.executor.cores=1", "spark.conf.spark.executor.memory=1g",
+                 "spark.conf.spark.executor.memoryOverhead=512m",
                  "spark.conf.spark.driver.memory=1g", "spark.conf.spark.sql.shuffle.partitions=4",
                  "spark.ui_enabled=false", "spark.log_level=ERROR", "train.nics=[lo]", "train.start_timeout=300",
                  *SAMPLE_INGEST_OVERRIDES, "train.batch_size=16", "train.intra_op_threads=1",
