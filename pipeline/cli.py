@@ -53,7 +53,7 @@ def build_parser(stage: str, prog: Optional[str] = None) -> argparse.ArgumentPar
         p.add_argument("--data", required=True, help="an ingest output")
         p.add_argument("--model", required=True, help="a training --model-dir or its model/")
         p.add_argument("--output", required=True, help="where predictions/ and _metrics.json go")
-        p.add_argument("--split", default="test", help="split to score: train, val, test or all")
+        p.add_argument("--split", default="test", help="split to score: train, val, test, unlabeled or all")
         p.add_argument("--mode", default="error", choices=["error", "overwrite"])
     else:  # pragma: no cover
         raise ValueError(stage)
@@ -94,8 +94,8 @@ def stage_kwargs(stage: str, args: argparse.Namespace) -> Dict[str, Any]:
     if stage == "train":
         return {"data_uri": to_uri(args.data), "model_dir": to_uri(args.model_dir), "mode": args.mode}
     if stage == "score":
-        if args.split not in ("train", "val", "test", "all"):
-            raise ConfigError(f"--split must be one of train, val, test, all (got {args.split!r})")
+        if args.split not in ("train", "val", "test", "unlabeled", "all"):
+            raise ConfigError(f"--split must be one of train, val, test, unlabeled, all (got {args.split!r})")
         return {"data_uri": to_uri(args.data), "model_uri": to_uri(args.model),
                 "output_uri": to_uri(args.output), "split": args.split, "mode": args.mode}
     raise ValueError(stage)  # pragma: no cover

@@ -303,6 +303,7 @@ def _decode_rows(images: Sequence[bytes], spec: ImageSpec) -> Tuple[Any, List[Op
     out = np.zeros((len(images),) + spec.shape, dtype=np.float32)
     errors: List[Optional[Tuple[str, str]]] = []
     for i, data in enumerate(images):
+        size = None
         try:
             data = bytes(data) if data is not None else b""
             size = header_size(data)
@@ -467,6 +468,7 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
     df = read_split(spark, data_uri, split, available)
     driver_file = _driver_model_file(spark, model)
     check_model_file(driver_file, model)
+    checks_s = time.time() - t0
     set_job_description(spark, f"pixelmill score: count {split} rows of {data_uri}")
     rows_in = df.count()
     try:
@@ -530,11 +532,13 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
                 raise InvariantError(f"scored {rows_in} rows but wrote {written} predictions + {rejected} rejects: "
                                      "output discarded; rerun the job")
             set_job_description(spark, f"pixelmill score: metrics of {written} predictions")
+            t_metrics = time.time()
             metrics = (_metrics.evaluate(spark.read.parquet(pred_uri), model.classes) if written else None)
             if metrics is not None:
                 _metrics.write_metrics(spark, {**metrics, "model_id": model.model_id, "split": split,
                                                "data_uri": data_uri, "scored_at": scored_at.isoformat()},
                                        staging, title=f"model {model.model_id}, split {split}")
+            metrics_s = time.time() - t_metrics
             total_s = time.time() - t0
             summary.update({
                 "rows": written, "rows_in": rows_in, "rejected": rejected,
@@ -543,7 +547,8 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
                 "metrics": None if metrics is None else {
                     k: metrics[k] for k in ("rows", "accuracy", "macro_precision", "macro_recall", "macro_f1")},
                 "scored_at": scored_at.isoformat(),
-                "timings": {"total_s": round(total_s, 3), "score_s": round(score_s, 3)},
+                "timings": {"total_s": round(total_s, 3), "checks_s": round(checks_s, 3),
+                            "score_s": round(score_s, 3), "metrics_s": round(metrics_s, 3)},
                 "images_per_second": round(rows_in / score_s, 1) if score_s > 0 else None,
             })
     finally:
