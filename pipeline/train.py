@@ -223,7 +223,8 @@ def _explain_failure(err: BaseException, tap: _OutputTap, cfg: "Config", model_d
     why = ""
     if code:
         c = int(code.group(1))
-        why = f" (exit code {c}{', killed by signal ' + str(-c) if c < 0 else ''})"
+        sig = -c if c < 0 else (c - 128 if 128 < c < 160 else 0)  # Python's -N or the shell's 128+N
+        why = f" (exit code {c}{', killed by signal ' + str(sig) if sig else ''})"
     who = f"Horovod process {name.group(1)}" if name else "a Horovod process"
     hint = next((line for line in reversed(tap.tail) if re.search(r"Error\b|error:", line)), "")
     hint = f"; last error: {hint.strip()[:300]}" if hint else ""

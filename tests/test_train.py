@@ -120,13 +120,13 @@ def _cfg(sample_config, **train):
 
 @pytest.fixture(scope="module")
 def trained(spark, sample_config, ingested_sample, tmp_path_factory):
-    """1 epoch, then a rerun with epochs=3 resumes it: the shared model-dir."""
+    """1 epoch, then a rerun with epochs=5 resumes it: the shared model-dir."""
     from pipeline import train
 
     model_dir = "file://" + str(tmp_path_factory.mktemp("train") / "model")
     first = train.run(spark, _cfg(sample_config, epochs=1), data_uri=ingested_sample, model_dir=model_dir,
                       mode="resume")
-    second = train.run(spark, _cfg(sample_config, epochs=3), data_uri=ingested_sample, model_dir=model_dir,
+    second = train.run(spark, _cfg(sample_config, epochs=5), data_uri=ingested_sample, model_dir=model_dir,
                        mode="resume")
     return {"dir": Path(model_dir[len("file://"):]), "uri": model_dir, "first": first, "second": second}
 
@@ -145,12 +145,12 @@ def test_both_ranks_finish_with_identical_weights(trained):
 def test_rerun_resumes_from_checkpoint_and_continues_epoch_numbering(trained):
     first, second = trained["first"], trained["second"]
     assert (first["epochs_completed"], first["epochs_run"], first["resumed_from"]) == (1, 1, None)
-    assert (second["epochs_completed"], second["epochs_run"], second["resumed_from"]) == (3, 2, "epoch-0001")
+    assert (second["epochs_completed"], second["epochs_run"], second["resumed_from"]) == (5, 4, "epoch-0001")
     rows = list(csv.DictReader((trained["dir"] / "history.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
     # The epoch-1 row is the first run's, carried through the checkpoint unchanged.
     assert float(rows[0]["train_loss"]) == pytest.approx(
-        json.loads((trained["dir"] / "checkpoints" / "epoch-0003" / "state.json").read_text())["history"][0]["train_loss"])
+        json.loads((trained["dir"] / "checkpoints" / "epoch-0005" / "state.json").read_text())["history"][0]["train_loss"])
 
 
 @pytest.mark.slow
@@ -167,7 +167,7 @@ def test_loss_goes_down_and_the_model_learns(trained):
 def test_model_dir_layout_follows_the_contract(trained, ingested_sample):
     d = trained["dir"]
     ckpts = sorted(p.name for p in (d / "checkpoints").iterdir())
-    assert ckpts[-2:] == ["epoch-0002", "epoch-0003"] and not any(n.startswith(".tmp") for n in ckpts)
+    assert ckpts[-2:] == ["epoch-0004", "epoch-0005"] and not any(n.startswith(".tmp") for n in ckpts)
     for name in ckpts:
         assert (d / "checkpoints" / name / "_COMPLETE").exists()
         assert {p.name for p in (d / "checkpoints" / name).iterdir()} == {
@@ -187,11 +187,11 @@ def test_model_dir_layout_follows_the_contract(trained, ingested_sample):
     assert info["image"] == manifest["image"]
     assert info["ingest_manifest_sha256"] == hashlib.sha256(manifest_path.read_bytes()).hexdigest()
     assert info["normalization"] == {"mean": manifest["stats"]["mean"], "std": manifest["stats"]["std"]}
-    assert info["epochs_completed"] == 3
+    assert info["epochs_completed"] == 5
     assert set(info["metrics"]) == {"val_accuracy", "val_loss", "train_loss", "train_accuracy"}
     assert info["metrics"] == trained["second"]["metrics"]
     assert {"tensorflow", "keras", "horovod"} <= set(info["stack"])
-    assert info["config"]["train"]["epochs"] == 3 and "normalize" in info["config"]["loader"]
+    assert info["config"]["train"]["epochs"] == 5 and "normalize" in info["config"]["loader"]
 
 
 @pytest.mark.slow
@@ -199,7 +199,7 @@ def test_rerun_of_a_finished_run_is_a_no_op(spark, sample_config, ingested_sampl
     from pipeline import train
 
     before = {p: p.stat().st_mtime_ns for p in trained["dir"].rglob("*") if p.is_file()}
-    again = train.run(spark, _cfg(sample_config, epochs=3), data_uri=ingested_sample, model_dir=trained["uri"],
+    again = train.run(spark, _cfg(sample_config, epochs=5), data_uri=ingested_sample, model_dir=trained["uri"],
                       mode="resume")
     assert again["skipped"] is True and again["epochs_run"] == 0
     assert again["model_id"] == trained["second"]["model_id"]
