@@ -1,0 +1,102 @@
+"""Training benchmark: Horovod scaling efficiency (2 processes vs 1) and launch overhead.
+
+Run with no arguments: ``python bench/train.py``. It prepares its own data in
+``bench/.cache/train/`` (real Fashion-MNIST images from the Debian package
+``dataset-fashion-mnist``, exported as class-folder PNGs and ingested by
+``pipeline.ingest`` at 28x28 grayscale), then trains the default model
+(``compact_cnn``) with ``pipeline.train.run`` on ``local[2]``:
+
+* ``num_proc=1``: per-process batch = the global batch, 1 intra-op thread;
+* ``num_proc=2``: per-process batch = half the global batch, 1 intra-op thread each.
+
+Images/s are steady state (the first epoch, with graph tracing and reader
+start-up, is excluded by the trainer). Scaling efficiency =
+``images/s(2) / (2 x images/s(1))``. Launch overhead = seconds from the
+``horovod.spark.run`` call to the end of the first training step on rank 0.
+The last line is one JSON object; ``ratio`` is the efficiency.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "bench" / ".cache" / "train"
+LIMIT = 8000          # Fashion-MNIST images per split exported for the benchmark
+GLOBAL_BATCH = 128
+EPOCHS = 3
+
+
+def _config(num_proc: int, extra: tuple = ()) -> Any:
+    from pipeline.config import load_config
+
+    return load_config(["local.yaml"], [
+        "spark.ui_enabled=false", "spark.log_level=ERROR",
+        "ingest.height=28", "ingest.width=28", "ingest.color_mode=L", "ingest.max_train_procs=2",
+        f"train.num_proc={num_proc}", f"train.batch_size={GLOBAL_BATCH // num_proc}", f"train.epochs={EPOCHS}",
+        "train.intra_op_threads=1", "train.inter_op_threads=1", "train.early_stopping.patience=100",
+        "loader.workers_count=1", *extra,
+    ])
+
+
+def _prepare(spark: Any) -> str:
+    from pipeline import ingest
+    from pipeline.sample_data import export_class_folders
+
+    raw = CACHE / "raw"
+    out = CACHE / "ingested"
+    export_class_folders(raw, limit=LIMIT)
+    if not (out / "_PIXELMILL_COMMITTED").exists():
+        ingest.run(spark, _config(2), input_uri=raw.as_uri(), output_uri=out.as_uri(), mode="overwrite")
+    return "file://" + str(out)
+
+
+def main() -> int:
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    from pipeline import train
+    from pipeline.spark import build_session
+
+    spark = build_session(_config(2).spark, app_suffix="bench-train")
+    try:
+        data = _prepare(spark)
+        manifest = json.loads((Path(data[len("file://"):]) / "_manifest.json").read_text())
+        runs: Dict[int, Dict[str, Any]] = {}
+        for n in (1, 2):
+            model_dir = CACHE / f"model-np{n}"
+            shutil.rmtree(model_dir, ignore_errors=True)
+            t0 = time.time()
+            runs[n] = train.run(spark, _config(n), data_uri=data, model_dir=model_dir.as_uri(), mode="overwrite")
+            runs[n]["wall_s"] = time.time() - t0
+    finally:
+        spark.stop()
+    ips1, ips2 = runs[1]["images_per_second"], runs[2]["images_per_second"]
+    eff = ips2 / (2 * ips1)
+    print(f"{'':24s}{'num_proc=1':>14s}{'num_proc=2':>14s}")
+    print(f"{'images/s (steady)':24s}{ips1:14.1f}{ips2:14.1f}")
+    print(f"{'launch overhead s':24s}{runs[1]['timings']['launch_overhead_s']:14.1f}"
+          f"{runs[2]['timings']['launch_overhead_s']:14.1f}")
+    print(f"{'wall s':24s}{runs[1]['wall_s']:14.1f}{runs[2]['wall_s']:14.1f}")
+    print(f"{'val_accuracy':24s}{runs[1]['metrics'].get('val_accuracy', float('nan')):14.4f}"
+          f"{runs[2]['metrics'].get('val_accuracy', float('nan')):14.4f}")
+    print(f"scaling efficiency (2 vs 1 process, global batch {GLOBAL_BATCH}): {eff:.3f} (target >= 0.8)")
+    print(json.dumps({
+        "ratio": round(eff, 3), "images_per_second_np1": round(ips1, 1), "images_per_second_np2": round(ips2, 1),
+        "launch_overhead_s": runs[2]["timings"]["launch_overhead_s"],
+        "launch_overhead_s_np1": runs[1]["timings"]["launch_overhead_s"],
+        "global_batch": GLOBAL_BATCH, "epochs": EPOCHS, "train_rows": manifest["splits"].get("train"),
+        "cores": os.cpu_count(),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
