@@ -62,6 +62,8 @@ class IngestConfig(_Section):
     resize_policy: Literal["center_crop", "pad", "stretch"] = "center_crop"
     encode_format: Literal["png", "jpeg"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
+    #: zlib level of stored PNGs: 1 is ~3x faster to write than 6 for ~8% more bytes (lossless either way).
+    png_compress_level: int = Field(1, ge=0, le=9)
     min_side: int = Field(8, ge=1)
     #: Decompression-bomb limit: images with more pixels are rejected before a full decode.
     max_pixels: int = Field(40_000_000, ge=64)
@@ -83,8 +85,9 @@ class IngestConfig(_Section):
     target_file_mb: int = Field(64, ge=1)
     #: Largest number of training processes; the train split gets >= 4x this many row groups.
     max_train_procs: int = Field(8, ge=1, le=1024)
-    #: Rows per Arrow batch handed to Python workers.
-    batch_rows: int = Field(64, ge=1, le=100_000)
+    #: Largest number of rows per Arrow batch handed to Python workers (fewer when files are large:
+    #: a batch holds at most about 64 MiB of input bytes).
+    batch_rows: int = Field(512, ge=1, le=100_000)
     #: Seed for the within-split row shuffle and the hash split.
     seed: int = 0
 

@@ -196,6 +196,24 @@ def _combine_stats(prior: Optional[Mapping[str, Any]], sums: List[float], sqs: L
     return [a + b for a, b in zip(sums, ps)], [a + b for a, b in zip(sqs, pq)], n + pn
 
 
+def scan_confs(files: int, input_bytes: int, slots: int, batch_rows: int) -> Dict[str, str]:
+    """Session confs for the binaryFile scan: about 2 input tasks per slot, Arrow batches <= ~64 MiB.
+
+    Few large input partitions keep per-task and per-batch overhead small; the open cost is
+    lowered so that thousands of tiny files do not each count as 4 MiB.
+    """
+    open_cost = 16 * 1024
+    tasks = max(2 * slots, math.ceil(input_bytes / (128 * 1024 * 1024)))
+    split = max(1024 * 1024, math.ceil((input_bytes + files * open_cost) / tasks))
+    avg = max(1, input_bytes // max(1, files))
+    rows = max(1, min(batch_rows, (64 * 1024 * 1024) // avg))
+    return {
+        "spark.sql.files.openCostInBytes": str(open_cost),
+        "spark.sql.files.maxPartitionBytes": str(split),
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(rows),
+    }
+
+
 def _plan_files(n_train: int, total_rows: int, total_bytes: int, cfg: IngestConfig, slots: int) -> Tuple[int, int]:
     """(write tasks, max rows per file) so train gets >= 4 x max_train_procs row groups, files ~target size."""
     need = 4 * cfg.max_train_procs
@@ -259,8 +277,7 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
 
     opts = im.ImageOptions.from_config(icfg)
     timings: Dict[str, float] = {}
-    old_batch = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", None)
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(icfg.batch_rows))
+    saved_confs: Dict[str, Optional[str]] = {}  # session confs set for this job, restored at the end
     persisted: List["DataFrame"] = []
     try:
         # ---- extract ---------------------------------------------------------------
@@ -271,13 +288,18 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
         # zero-byte files, so they are found by comparing the listing with what the scan yields.
         listed_files = raw._jdf.inputFiles()  # noqa: SLF001 - a JVM array: only its length crosses py4j
         files_seen = len(listed_files)
-        n_scanned = raw.select("path").count()  # content is not read for this
+        scan = raw.agg(F.count(F.lit(1)).alias("n"), F.sum("length").alias("bytes")).first()  # content not read
+        n_scanned, input_bytes = int(scan["n"]), int(scan["bytes"] or 0)
         timings["list_s"] = round(time.perf_counter() - t, 3)
         log.info("ingest: %d files under %s (%.1fs)", files_seen, input_uri, timings["list_s"])
         if files_seen == 0:
             raise DataError(f"no files under {input_uri} (files whose names start with '.' or '_' are hidden from Spark)")
 
         max_bytes = icfg.max_file_mb * 1024 * 1024
+        slots = task_slots(spark)
+        for k, v in scan_confs(files_seen, input_bytes, slots, icfg.batch_rows).items():
+            saved_confs.setdefault(k, spark.conf.get(k, None))
+            spark.conf.set(k, v)
         fn = clean_batches(opts, root_uri=input_uri, label_source=icfg.label_source,
                            fractions=icfg.split_fractions, seed=icfg.seed, fault=fault, fault_marker=marker)
         processed = (
@@ -377,15 +399,19 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
         stats = _train_stats(prior, stat_s, stat_q, stat_n, opts.channels)
         n_train = splits.get("train", 0)
         need = 4 * icfg.max_train_procs
-        tasks, rows_per_file = _plan_files(n_train, accepted, total_bytes, icfg, task_slots(spark))
+        tasks, rows_per_file = _plan_files(n_train, accepted, total_bytes, icfg, slots)
+        if prior is None:
+            # Already hash-partitioned by image_id (the duplicate window): classes are mixed, no reshuffle.
+            to_write = images
+        else:
+            to_write = images.repartition(tasks, F.xxhash64(F.lit(icfg.seed), F.col("image_id")))
 
         # ---- load: staging, reconcile, commit ---------------------------------------------
         with atomic_output(spark, output_uri, commit_info={"stage": "ingest", "files_seen": total_seen}) as staging:
             t = time.perf_counter()
             set_job_description(spark, f"ingest: write {accepted} images")
             (
-                images.withColumn("_rk", F.xxhash64(F.lit(icfg.seed), F.col("image_id")))
-                .repartition(tasks, "_rk")
+                to_write.withColumn("_rk", F.xxhash64(F.lit(icfg.seed), F.col("image_id")))
                 .sortWithinPartitions(SPLIT_COLUMN, "_rk")  # shuffled within a split, same order every run
                 .drop("_rk")
                 .write.partitionBy(SPLIT_COLUMN)
@@ -450,10 +476,11 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
     finally:
         for df in persisted:
             df.unpersist()
-        if old_batch is None:
-            spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
-        else:
-            spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", old_batch)
+        for k, v in saved_confs.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
 
 
 # --- DataFrame -> DataFrame transforms -------------------------------------------------
