@@ -126,6 +126,10 @@ def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, mode
         raise ConfigError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
     if data_uri.rstrip("/") == model_dir.rstrip("/"):
         raise ConfigError("--model-dir must differ from --data")
+    slots = task_slots(spark)
+    if tc.num_proc > slots:
+        raise ConfigError(f"train.num_proc={tc.num_proc} needs {tc.num_proc} concurrent Spark task slots but the "
+                          f"cluster offers {slots}: lower train.num_proc (--num-proc) or add executors/cores")
     fs = HadoopFS(spark)
     if not fs.exists(join(data_uri, COMMIT_MARKER)) or not fs.exists(join(data_uri, "_manifest.json")):
         raise DataError(f"--data {data_uri} is not a committed ingest output (no {COMMIT_MARKER} or _manifest.json): "
@@ -146,10 +150,6 @@ def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, mode
                         f"(train.batch_size={tc.batch_size} x train.num_proc={tc.num_proc}): lower train.batch_size")
     if int(splits.get("val", 0)) < 1:
         log.warning("--data %s has no val split: early stopping watches the train metric instead", data_uri)
-    slots = task_slots(spark)
-    if tc.num_proc > slots:
-        raise ConfigError(f"train.num_proc={tc.num_proc} needs {tc.num_proc} concurrent Spark task slots but the "
-                          f"cluster offers {slots}: lower train.num_proc (--num-proc) or add executors/cores")
     return manifest
 
 

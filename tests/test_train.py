@@ -292,7 +292,7 @@ def test_killed_rank_fails_fast_and_a_rerun_resumes(spark, sample_config, ingest
 def test_cli_rejects_too_many_processes_in_one_line(ingested_sample, tmp_path, repo_root):
     out = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", "--data", ingested_sample, "--model-dir", str(tmp_path / "m"),
-         "--num-proc", "3", "--config", "local.yaml", "--set", "spark.ui_enabled=false"],
+         "--num-proc", "3", "--config", "local.yaml", "--set", "spark.ui_enabled=false", "--set", "train.batch_size=16"],
         capture_output=True, text=True, timeout=300, cwd=repo_root)
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
