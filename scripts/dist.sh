@@ -65,6 +65,10 @@ t0="$(now)"
 rm -rf "$WORK"
 cp -a "$VENV" "$WORK"
 rm -f "$WORK/.pixelmill-setup"
+# The copy's scripts (shebangs, activate) still name the source venv: point them at the copy,
+# so venv-pack relocates them like the rest instead of leaving a path that exists only here.
+grep -rlIZ -F "$VENV" "$WORK/bin" | xargs -0 -r sed -i "s#$VENV#$WORK#g"
+! grep -rqI -F "$VENV" "$WORK/bin" || die "scripts in $WORK/bin still name $VENV: $(grep -rlI -F "$VENV" "$WORK/bin" | head -3)"
 WPY="$WORK/bin/python"
 # Work from a neutral folder so `import pipeline` can only find the installed copy.
 pushd "$(mktemp -d)" >/dev/null
