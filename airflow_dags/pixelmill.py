@@ -9,7 +9,7 @@ Outputs of one DAG run live under one run key, derived from ``dag_run.run_after`
 the last two in Airflow 3)::
 
     <output_root>/ingest/run=<key>/        jobs/ingest.py --mode overwrite
-    <output_root>/models/run=<key>/        jobs/train.py  --mode resume
+    <model_root>/run=<key>/                jobs/train.py  --mode resume  (default <output_root>/models)
     <output_root>/predictions/run=<key>/   jobs/score.py  --mode overwrite
 
 so a retry or a re-run of the same DAG run rewrites (or resumes) its own
@@ -87,10 +87,11 @@ def run_key(dag_run: Any) -> str:
 def stage_uris(params: Mapping[str, Any], dag_run: Any) -> Dict[str, str]:
     """The run's three output URIs under ``params.output_root``."""
     root = str(params["output_root"]).rstrip("/")
+    models = str(params.get("model_root") or f"{root}/models").rstrip("/")
     key = run_key(dag_run)
     return {
         "ingest": f"{root}/ingest/run={key}",
-        "model": f"{root}/models/run={key}",
+        "model": f"{models}/run={key}",
         "predictions": f"{root}/predictions/run={key}",
     }
 
@@ -174,6 +175,8 @@ with DAG(
         "output_root": Param(os.environ.get("PIXELMILL_OUTPUT_ROOT", "file:///data/pixelmill/runs"),
                              type="string", minLength=1,
                              description="ingest/, models/, predictions/ go below, one run=<key> folder per run"),
+        "model_root": Param(None, type=["null", "string"],
+                            description="where models go, one run=<key> folder per run; null = <output_root>/models"),
         "num_proc": Param(2, type="integer", minimum=1, description="Horovod processes (needs as many task slots)"),
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="null = train.epochs from config"),
         "score_split": Param("test", enum=["train", "val", "test", "all"]),

@@ -123,7 +123,7 @@ def test_tasks_are_chained_with_retries_backoff_and_timeouts(parsed):
         "train": {**common, "downstream": ["score"], "timeout_s": 43200.0, "application": str(REPO / "jobs/train.py")},
         "score": {**common, "downstream": [], "timeout_s": 7200.0, "application": str(REPO / "jobs/score.py")},
     }
-    assert parsed["params"] == sorted(["input_uri", "output_root", "num_proc", "epochs", "score_split", "config_files",
+    assert parsed["params"] == sorted(["input_uri", "output_root", "model_root", "num_proc", "epochs", "score_split", "config_files",
                                        "overrides", "archives", "executor_python", "driver_python"])
     assert parsed["max_active_runs"] == 1
     assert parsed["catchup"] is False
@@ -161,6 +161,7 @@ RENDER_PROBE = """
         "args": {s: mod.stage_args(s, params, manual) for s in mod.STAGES},
         "train_epochs": mod.stage_args("train", packed, manual),
         "conf": mod.spark_conf(params), "conf_packed": mod.spark_conf(packed),
+        "own_models": mod.stage_uris(dict(params, model_root="hdfs:///models/"), manual),
     }))
 """ % str(DAGS / "pixelmill.py")
 
@@ -179,6 +180,8 @@ def test_stage_args_use_a_run_key_from_run_after(tmp_path):
                   "--output", f"{root}/predictions/run={key}", "--split", "test", "--mode", "overwrite", *tail],
     }
     assert out["train_epochs"][:8] == out["args"]["train"][:6] + ["--epochs", "3"]
+    assert out["own_models"] == {"ingest": f"{root}/ingest/run={key}", "model": f"hdfs:///models/run={key}",
+                                 "predictions": f"{root}/predictions/run={key}"}
     assert out["conf"] == {"spark.pyspark.driver.python": "/opt/venv/bin/python"}
     assert out["conf_packed"] == {"spark.pyspark.driver.python": "/opt/venv/bin/python",
                                   "spark.pyspark.python": "./env/bin/python",
