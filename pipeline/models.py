@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("compact_cnn", "resnet")
+#: BatchNorm moving-average momentum: 0.9 (not Keras' 0.99) so the inference statistics
+#: are usable after tens of steps, as in short or small-data runs.
+BN_MOMENTUM = 0.9
 
 
 def _regularizer(weight_decay: float) -> Any:
@@ -38,7 +41,7 @@ def _conv_bn_relu(x: Any, filters: int, *, name: str, weight_decay: float, strid
     x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
                       kernel_initializer="he_normal", kernel_regularizer=_regularizer(weight_decay),
                       name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
@@ -85,7 +88,7 @@ def compact_cnn(input_shape: Tuple[int, int, int], num_classes: int, *, dropout:
         x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, kernel_initializer="he_normal", kernel_regularizer=_regularizer(weight_decay),
                      name="fc")(x)
-    x = layers.BatchNormalization(name="fc_bn")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="fc_bn")(x)
     x = layers.Activation("relu", name="fc_relu")(x)
     outputs = _classifier_head(x, num_classes, dropout=min(0.5, dropout * 2))
     return keras.Model(inputs, outputs, name="compact_cnn")
@@ -98,11 +101,11 @@ def _residual_block(x: Any, filters: int, *, strides: int, name: str, weight_dec
     y = _conv_bn_relu(x, filters, strides=strides, name=f"{name}_1", weight_decay=weight_decay)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
                       kernel_regularizer=_regularizer(weight_decay), name=f"{name}_2_conv")(y)
-    y = layers.BatchNormalization(name=f"{name}_2_bn")(y)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_2_bn")(y)
     if strides != 1 or int(shortcut.shape[-1]) != filters:
         shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False, kernel_initializer="he_normal",
                                  kernel_regularizer=_regularizer(weight_decay), name=f"{name}_proj_conv")(shortcut)
-        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+        shortcut = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_proj_bn")(shortcut)
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.Activation("relu", name=f"{name}_out")(y)
 
