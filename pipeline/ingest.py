@@ -262,6 +262,9 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
     fs = HadoopFS(spark)
     if not fs.is_dir(input_uri):
         raise DataError(f"input {input_uri} is not an existing folder: pass the folder holding the class folders")
+    if icfg.label_source == "manifest" and not fs.exists(to_uri(icfg.manifest_uri or "")):
+        raise ConfigError(f"config key 'ingest.manifest_uri': {to_uri(icfg.manifest_uri or '')} does not exist "
+                          "(pass a CSV with a path,label header)")
     committed = check_output_mode(fs, output_uri, mode)  # also removes an uncommitted (crashed) write
     prior: Optional[Dict[str, Any]] = None
     if mode == "append" and committed:

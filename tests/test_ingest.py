@@ -333,6 +333,9 @@ def test_bad_arguments_fail_before_writing(spark, tmp_path):
         ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(raw / "out"), mode="error")
     with pytest.raises(DataError, match="not an existing folder"):
         ingest.run(spark, cfg_with(), input_uri=uri(tmp_path / "nope"), output_uri=uri(tmp_path / "o"), mode="error")
+    with pytest.raises(ConfigError, match="'ingest.manifest_uri': .*nope.csv does not exist"):
+        ingest.run(spark, cfg_with("ingest.label_source=manifest", f"ingest.manifest_uri={tmp_path / 'nope.csv'}"),
+                   input_uri=uri(raw), output_uri=uri(tmp_path / "o"), mode="error")
     with pytest.raises(ConfigError, match="PIXELMILL_FAULT_INJECT"):
         os.environ[ingest.FAULT_ENV] = "explode"
         try:
