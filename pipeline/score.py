@@ -65,6 +65,7 @@ PREDICTION_FIELDS: Tuple[Field, ...] = (
     Field("scored_at", object, "timestamp"),           # one timestamp per run (UTC)
 )
 PREDICTION_COLUMNS = tuple(f.name for f in PREDICTION_FIELDS)
+_PREDICTION_DDL = ddl(PREDICTION_FIELDS)
 # Internal: why a row could not be scored (null = scored); split off into rejects/.
 _REASON, _DETAIL = "_reject_reason", "_reject_detail"
 _WORKER_FIELDS = PREDICTION_FIELDS + (Field(_REASON, str, "string", True), Field(_DETAIL, str, "string", True))
@@ -527,13 +528,15 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
             finally:
                 scored.unpersist()
 
-            written = spark.read.parquet(pred_uri).count() if rows_in - rejected else 0
+            # Read back with the declared schema: no partition-type inference ("0".."9" labels stay strings).
+            written = spark.read.schema(_PREDICTION_DDL).parquet(pred_uri).count() if rows_in - rejected else 0
             if written + rejected != rows_in:
                 raise InvariantError(f"scored {rows_in} rows but wrote {written} predictions + {rejected} rejects: "
                                      "output discarded; rerun the job")
             set_job_description(spark, f"pixelmill score: metrics of {written} predictions")
             t_metrics = time.time()
-            metrics = (_metrics.evaluate(spark.read.parquet(pred_uri), model.classes) if written else None)
+            metrics = (_metrics.evaluate(spark.read.schema(_PREDICTION_DDL).parquet(pred_uri), model.classes)
+                       if written else None)
             if metrics is not None:
                 _metrics.write_metrics(spark, {**metrics, "model_id": model.model_id, "split": split,
                                                "data_uri": data_uri, "scored_at": scored_at.isoformat()},
