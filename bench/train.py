@@ -28,9 +28,9 @@ from typing import Any, Dict
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache" / "train"
-LIMIT = 8000          # Fashion-MNIST images per split exported for the benchmark
+LIMIT = 4000          # Fashion-MNIST images per split exported for the benchmark
 GLOBAL_BATCH = 128
-EPOCHS = 3
+EPOCHS = 4
 
 
 def _config(num_proc: int, extra: tuple = ()) -> Any:
