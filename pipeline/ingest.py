@@ -311,7 +311,11 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
             .mapInPandas(fn, PROCESSED_DDL)
         )
         too_large = (
-            raw.filter(F.col("length") > max_bytes)
+            # Not pushed into the scan on purpose: a pushed filter that drops thousands of files in a
+            # row makes Spark's FileScanRDD recurse once per skipped file (StackOverflowError seen
+            # with 10,000 files per partition). Without content in the projection nothing is read.
+            raw.select("path", "length")
+            .filter(F.greatest(F.col("length"), F.lit(0)) > max_bytes)
             .select(
                 _norm_source_col(F.col("path")).alias("source_path"),
                 F.lit(None).cast("string").alias("image_id"),
