@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+import sys
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
@@ -298,6 +299,16 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
     return summary
 
 
+def _executor_python(spark: "SparkSession") -> str:
+    """The interpreter Horovod starts on executors: the one Spark's Python workers use.
+
+    ``horovod.spark.run`` defaults to the driver's ``sys.executable``, a path that
+    does not exist on cluster nodes running a packed env (``./env/bin/python``).
+    """
+    conf = spark.sparkContext.getConf()
+    return (conf.get("spark.pyspark.python", None) or os.environ.get("PYSPARK_PYTHON") or sys.executable)
+
+
 def _launch(spark: "SparkSession", cfg: "Config", spec: Dict[str, Any], model_dir: str) -> List[Dict[str, Any]]:
     """``horovod.spark.run`` watched by a watchdog thread; returns the per-rank results.
 
@@ -356,7 +367,8 @@ def _launch(spark: "SparkSession", cfg: "Config", spec: Dict[str, Any], model_di
         results = horovod.spark.run(
             train_fn, args=(spec,), num_proc=tc.num_proc, start_timeout=tc.start_timeout,
             use_gloo=True, nics=list(tc.nics) if tc.nics else None, env=horovod_env(cfg),
-            stdout=tap, stderr=tap, verbose=1 if tc.verbose >= 2 else 0)
+            stdout=tap, stderr=tap, verbose=1 if tc.verbose >= 2 else 0,
+            executable=_executor_python(spark))
     except BaseException as err:  # noqa: BLE001 - every failure becomes one line
         if "reason" in verdict:
             raise TrainingError(verdict["reason"]) from err
