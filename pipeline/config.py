@@ -77,6 +77,9 @@ class IngestConfig(_Section):
     split_fractions: Dict[Literal["train", "val", "test"], float] = Field(
         default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
     )
+    #: When the layout has ``train/`` but no ``val/`` (or ``validation/``) folder, move a
+    #: ``val / (train + val)`` share of train into val by content hash (e.g. Fashion-MNIST's train/test).
+    carve_val_from_train: bool = True
     label_source: Literal["folders", "manifest", "none"] = "folders"
     #: CSV ``path,label`` used when label_source is ``manifest``.
     manifest_uri: Optional[str] = None

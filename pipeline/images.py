@@ -186,6 +186,18 @@ def hash_split(image_id_hex: str, fractions: Mapping[str, float], seed: int = 0)
     return last  # rounding: u just below 1.0
 
 
+def carve_fractions(fractions: Mapping[str, float]) -> Optional[Dict[str, float]]:
+    """Fractions that split a layout's ``train`` folder into train and val, or None without val.
+
+    >>> carve_fractions({"train": 0.8, "val": 0.1, "test": 0.1})
+    {'train': 0.8888888888888888, 'val': 0.1111111111111111}
+    """
+    t, v = float(fractions.get("train", 0.0)), float(fractions.get("val", 0.0))
+    if v <= 0 or t + v <= 0:
+        return None
+    return {"train": t / (t + v), "val": v / (t + v)}
+
+
 # --- the per-image pipeline ----------------------------------------------------
 
 def _first_line(e: BaseException) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import tempfile
 import time
@@ -91,6 +92,7 @@ def clean_batches(
     label_source: str,
     fractions: Mapping[str, float],
     seed: int,
+    carve: Optional[Mapping[str, float]] = None,
     fault: Optional[str] = None,
     fault_marker: Optional[str] = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
@@ -109,6 +111,8 @@ def clean_batches(
                 source = im.normalize_source(path)
                 iid = im.image_id(data)
                 split, rest = im.layout_split(im.relative_parts(path, root_uri))
+                if split == "train" and carve is not None:
+                    split = im.hash_split(iid, carve, seed)
                 label = im.folder_label(rest) if label_source == "folders" else None
                 if split is None:
                     split = UNLABELED_SPLIT if label_source == "none" else im.hash_split(iid, fractions, seed)
@@ -303,8 +307,17 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
         for k, v in scan_confs(files_seen, input_bytes, slots, icfg.batch_rows).items():
             saved_confs.setdefault(k, spark.conf.get(k, None))
             spark.conf.set(k, v)
+        if prior is not None and "val_carved_from_train" in prior:
+            carve_val = bool(prior["val_carved_from_train"])  # appends keep the first run's decision
+        else:
+            carve_val = icfg.carve_val_from_train and not layout_has_val(raw, input_uri)
+        carve = im.carve_fractions(icfg.split_fractions) if carve_val else None
+        if carve is not None:
+            log.info("ingest: no val/ folder: %.1f%% of the layout's train/ files become val (by content hash)",
+                     100 * carve["val"])
         fn = clean_batches(opts, root_uri=input_uri, label_source=icfg.label_source,
-                           fractions=icfg.split_fractions, seed=icfg.seed, fault=fault, fault_marker=marker)
+                           fractions=icfg.split_fractions, seed=icfg.seed, carve=carve,
+                           fault=fault, fault_marker=marker)
         processed = (
             raw.filter(F.col("length") <= max_bytes)  # pushed into the scan: big files are never read
             .select("path", "content")
@@ -460,6 +473,7 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
                 "class_counts": dict(sorted(class_counts.items())),
                 "classes": classes,
                 "image": _image_block(icfg),
+                "val_carved_from_train": carve is not None,
                 "image_bytes": total_bytes,
                 "stats": stats,
                 "row_groups": row_groups,
@@ -496,6 +510,18 @@ def _norm_source_col(c: Any) -> Any:
     from pyspark.sql import functions as F
 
     return F.regexp_replace(c, r"^file:/(?!/)", "file:///")
+
+
+def layout_has_val(raw: "DataFrame", input_uri: str) -> bool:
+    """Whether the input has a first-level ``val/`` or ``validation/`` folder (paths only; no content read)."""
+    from urllib.parse import quote, urlparse
+
+    from pyspark.sql import functions as F
+
+    root = urlparse(input_uri).path.rstrip("/")
+    roots = "|".join(re.escape(r) for r in {root, quote(root)})
+    pattern = rf"(?i)^[a-z][a-z0-9+.-]*:(//[^/]*)?({roots})/(val|validation)/"
+    return raw.select("path").where(F.col("path").rlike(pattern)).limit(1).count() > 0
 
 
 def unscanned_files(spark: "SparkSession", listed_files: Any, raw: "DataFrame") -> "DataFrame":

@@ -214,6 +214,36 @@ def test_layout_splits_are_honoured(spark, tmp_path):
     assert m["row_groups"]["train"] >= 4
 
 
+def test_val_is_carved_from_train_when_the_layout_has_no_val_folder(spark, tmp_path):
+    # Fashion-MNIST-style input: train/ and test/ only. Training needs a val split.
+    from pipeline import images as im
+
+    raw = tmp_path / "raw"
+    train = write_labelled(raw / "train", {"a": 30, "b": 30}, seed=7, size=12)
+    test = write_labelled(raw / "test", {"a": 3, "b": 3}, seed=8, size=12)
+    out = tmp_path / "out"
+    ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    rows = images_rows(out)
+    carve = im.carve_fractions({"train": 0.8, "val": 0.1, "test": 0.1})
+    expected = {}
+    for r in rows:
+        name = rel(r["source_path"], raw)
+        expected[name] = "test" if name.startswith("test/") else im.hash_split(r["image_id"], carve, 0)
+    assert {rel(r["source_path"], raw): r["split"] for r in rows} == expected
+    assert len(rows) == len(train) + len(test)
+    m = manifest(out)
+    assert m["val_carved_from_train"] is True
+    assert m["splits"]["test"] == len(test)
+    assert 0 < m["splits"]["val"] < m["splits"]["train"]
+    assert m["splits"]["train"] + m["splits"]["val"] == len(train)
+
+    out2 = tmp_path / "out2"
+    ingest.run(spark, cfg_with("ingest.carve_val_from_train=false"), input_uri=uri(raw), output_uri=uri(out2),
+               mode="error")
+    assert manifest(out2)["splits"] == {"test": len(test), "train": len(train)}
+    assert manifest(out2)["val_carved_from_train"] is False
+
+
 def test_unlabeled_mode(spark, tmp_path):
     raw = tmp_path / "raw"
     write_labelled(raw, {"x": 2}, seed=7, size=12)
