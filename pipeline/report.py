@@ -53,10 +53,9 @@ def class_balance_png(manifest: Mapping[str, Any], path: Path) -> Optional[Path]
 
 def per_class_rows(metrics: Mapping[str, Any]) -> List[List[Any]]:
     per = metrics.get("per_class") or {}
-    rows = []
-    for label, m in sorted(per.items(), key=lambda kv: kv[1].get("index", 0) if isinstance(kv[1], dict) else 0):
-        rows.append([label, m.get("precision"), m.get("recall"), m.get("f1"), m.get("support")])
-    return rows
+    order = list(metrics.get("classes") or sorted(per))
+    return [[label, per[label].get("precision"), per[label].get("recall"), per[label].get("f1"),
+             per[label].get("support")] for label in order if label in per]
 
 
 def summary_table(manifest: Mapping[str, Any], model_meta: Mapping[str, Any], metrics: Mapping[str, Any],
@@ -78,7 +77,7 @@ def summary_table(manifest: Mapping[str, Any], model_meta: Mapping[str, Any], me
                      f"{_fmt(s.get('images_per_second'), 0):>9}  {note}")
     lines.append("-" * 64)
     lines.append(f"splits {manifest.get('splits')}  rejects {manifest.get('rejected')}")
-    lines.append(f"test accuracy {_fmt(metrics.get('accuracy'))} on {_fmt(metrics.get('count'))} images; "
+    lines.append(f"test accuracy {_fmt(metrics.get('accuracy'))} on {_fmt(metrics.get('rows'))} images; "
                  f"model {model_meta.get('model_id')}")
     return "\n".join(lines)
 

@@ -139,7 +139,7 @@ def main(argv: List[str] | None = None) -> int:
                                 "--split", "test", "--mode", "overwrite"], confs=confs, log_dir=logs)
     metrics = json.loads((score_out / "_metrics.json").read_text())
     secs = time.time() - t
-    stages["score"] = {"seconds": round(secs, 1), "images": metrics.get("count") or summary.get("rows"),
+    stages["score"] = {"seconds": round(secs, 1), "images": metrics.get("rows") or summary.get("rows"),
                        "images_per_second": summary.get("images_per_second"), "accuracy": metrics["accuracy"]}
 
     wall = round(time.time() - t0, 1)
