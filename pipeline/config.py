@@ -161,10 +161,17 @@ class TrainConfig(_Section):
     #: Learning rate for one process; scaled linearly by the number of processes.
     learning_rate: float = Field(1e-3, gt=0, le=10)
     warmup_epochs: float = Field(1.0, ge=0)
+    #: After warm-up: ``constant`` keeps the peak rate, ``cosine`` decays it to ``min_lr_ratio`` x peak
+    #: over the remaining planned steps (``train.epochs``).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     dropout: float = Field(0.25, ge=0, lt=1)
+    #: compact_cnn: filters of the first block (doubled per block, at most 4x this) and 3x3 convs per block.
+    width: int = Field(32, ge=4, le=1024)
+    convs_per_block: int = Field(2, ge=1, le=4)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     seed: int = 42
     mixed_precision: bool = False

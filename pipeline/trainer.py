@@ -63,8 +63,12 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_acc
 
 # --- pure helpers (unit-tested without Horovod) --------------------------------
 
-def learning_rate_at(step: int, *, base_lr: float, size: int, warmup_steps: int) -> float:
-    """Linear warm-up from ``base_lr`` to ``base_lr * size`` over ``warmup_steps``, then constant.
+def learning_rate_at(step: int, *, base_lr: float, size: int, warmup_steps: int, schedule: str = "constant",
+                     total_steps: int = 0, min_ratio: float = 0.0) -> float:
+    """Linear warm-up from ``base_lr`` to ``base_lr * size`` over ``warmup_steps``, then the schedule.
+
+    ``constant`` keeps the peak; ``cosine`` decays it to ``min_ratio x peak``
+    at ``total_steps`` (the planned end of training) along a half cosine.
 
     >>> learning_rate_at(0, base_lr=0.1, size=4, warmup_steps=10)
     0.1
@@ -72,11 +76,17 @@ def learning_rate_at(step: int, *, base_lr: float, size: int, warmup_steps: int)
     0.25
     >>> learning_rate_at(10, base_lr=0.1, size=4, warmup_steps=10)
     0.4
+    >>> round(learning_rate_at(15, base_lr=0.1, size=4, warmup_steps=10, schedule="cosine", total_steps=20), 6)
+    0.2
     """
     target = base_lr * size
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return target
-    return base_lr + (target - base_lr) * (step / warmup_steps)
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr + (target - base_lr) * (step / warmup_steps)
+    if schedule == "cosine" and total_steps > warmup_steps:
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        floor = target * min_ratio
+        return floor + (target - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return target
 
 
 @dataclass
@@ -499,7 +509,8 @@ def _train(spec: Dict[str, Any], cfg: Any, hvd: Any, rank: int, size: int, local
     num_classes = len(classes)
     val_rows_expected = int((manifest.get("splits") or {}).get("val", 0))
 
-    model = build_model(tc.model, image.shape, num_classes, dropout=tc.dropout, weight_decay=tc.weight_decay)
+    model = build_model(tc.model, image.shape, num_classes, dropout=tc.dropout, weight_decay=tc.weight_decay,
+                        width=tc.width, convs_per_block=tc.convs_per_block)
     optimizer = _make_optimizer(tc, tc.learning_rate)
     if mixed:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -609,7 +620,9 @@ def _train(spec: Dict[str, Any], cfg: Any, hvd: Any, rank: int, size: int, local
                     for step in range(1, steps + 1):
                         _maybe_fault(fault, rank, epoch, step)
                         gstep = int(optimizer.iterations.numpy())
-                        lr = learning_rate_at(gstep, base_lr=tc.learning_rate, size=size, warmup_steps=warmup_steps)
+                        lr = learning_rate_at(gstep, base_lr=tc.learning_rate, size=size, warmup_steps=warmup_steps,
+                                              schedule=tc.lr_schedule, total_steps=steps * tc.epochs,
+                                              min_ratio=tc.min_lr_ratio)
                         optimizer.learning_rate = lr
                         x, y = next(it)
                         sums.append(train_step(x, y))
