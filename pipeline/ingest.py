@@ -171,22 +171,47 @@ def _is_under(child: str, parent: str) -> bool:
     return c == p or c.startswith(p + "/")
 
 
-def _row_groups(spark: "SparkSession", fs: HadoopFS, split_dir: str) -> int:
-    """Row groups in the Parquet files of ``split_dir`` (footers only, through the JVM: any filesystem)."""
+def _footer_counts(spark: "SparkSession", fs: HadoopFS, folder: str) -> Tuple[int, int]:
+    """(row groups, rows) in the Parquet files of ``folder`` (footers only, through the JVM: any filesystem).
+
+    Reading footers on the driver costs one small read per file (files are few and large), and
+    no Spark job: this is how the staged output is reconciled with the counts.
+    """
     jvm = spark.sparkContext._jvm  # noqa: SLF001
     conf = spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
-    total = 0
-    for f in fs.list(split_dir):
+    groups = rows = 0
+    for f in fs.list(folder):
         if not f.endswith(".parquet"):
             continue
         path = jvm.org.apache.hadoop.fs.Path(f)
         reader = jvm.org.apache.parquet.hadoop.ParquetFileReader.open(
             jvm.org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(path, conf))
         try:
-            total += int(reader.getRowGroups().size())
+            groups += int(reader.getRowGroups().size())
+            rows += int(reader.getRecordCount())
         finally:
             reader.close()
-    return total
+    return groups, rows
+
+
+def _split_dirs(fs: HadoopFS, images_dir: str) -> List[str]:
+    """The split values of the ``split=<value>`` folders under ``images_dir``."""
+    prefix = f"{SPLIT_COLUMN}="
+    if not fs.exists(images_dir):
+        return []
+    out = []
+    for f in fs.list(images_dir):
+        name = f.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(prefix):
+            out.append(_unescape_partition(name[len(prefix):]))
+    return sorted(out)
+
+
+def _unescape_partition(value: str) -> str:
+    """Undo Hive-style partition escaping (``%2F`` -> ``/``), as Spark does when reading."""
+    from urllib.parse import unquote
+
+    return unquote(value)
 
 
 def _combine_stats(prior: Optional[Mapping[str, Any]], sums: List[float], sqs: List[float], n: int,
@@ -216,6 +241,16 @@ def scan_confs(files: int, input_bytes: int, slots: int, batch_rows: int) -> Dic
         "spark.sql.files.maxPartitionBytes": str(split),
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(rows),
     }
+
+
+def _listed_bytes(raw: "DataFrame") -> int:
+    """Sum of the listed files' lengths, from the file index Spark already built (driver only, no job)."""
+    try:
+        return int(raw._jdf.queryExecution().optimizedPlan().stats().sizeInBytes().toString())  # noqa: SLF001
+    except Exception:  # pragma: no cover - API drift: fall back to a length-only pass
+        from pyspark.sql import functions as F
+
+        return int(raw.agg(F.sum("length")).first()[0] or 0)
 
 
 def _plan_files(n_train: int, total_rows: int, total_bytes: int, cfg: IngestConfig, slots: int) -> Tuple[int, int]:
@@ -295,8 +330,8 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
         # zero-byte files, so they are found by comparing the listing with what the scan yields.
         listed_files = raw._jdf.inputFiles()  # noqa: SLF001 - a JVM array: only its length crosses py4j
         files_seen = len(listed_files)
-        scan = raw.agg(F.count(F.lit(1)).alias("n"), F.sum("length").alias("bytes")).first()  # content not read
-        n_scanned, input_bytes = int(scan["n"]), int(scan["bytes"] or 0)
+        # Total bytes from the same index (no Spark job): it sizes the scan's tasks before any scan runs.
+        input_bytes = _listed_bytes(raw)
         timings["list_s"] = round(time.perf_counter() - t, 3)
         log.info("ingest: %d files under %s (%.1fs)", files_seen, input_uri, timings["list_s"])
         if files_seen == 0:
@@ -340,19 +375,22 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
             )
         )
         processed = processed.unionByName(too_large, allowMissingColumns=True)
-        if n_scanned != files_seen:
-            log.info("ingest: %d listed files never reach the scan (0 bytes)", files_seen - n_scanned)
-            processed = processed.unionByName(unscanned_files(spark, listed_files, raw), allowMissingColumns=True)
-        if icfg.label_source == "manifest":
-            processed = processed.transform(lambda df: with_manifest_labels(spark, df, icfg.manifest_uri, input_uri))
 
         # ---- transform: already ingested, duplicates, label conflicts ------------------
         prior_images = prior_rejects = None
         if prior is not None:
             prior_images = spark.read.parquet(join(output_uri, IMAGES_DIR))
             prior_rejects = spark.read.parquet(join(output_uri, REJECTS_DIR))
-            processed = processed.transform(lambda df: with_already_ingested(df, prior_images, prior_rejects))
-        resolved = processed.transform(with_duplicates_resolved)
+
+        def per_file(df: "DataFrame") -> "DataFrame":
+            """The row-wise steps (labels from a manifest, already ingested) any file row goes through."""
+            if icfg.label_source == "manifest":
+                df = with_manifest_labels(spark, df, icfg.manifest_uri, input_uri)
+            if prior_images is not None:
+                df = with_already_ingested(df, prior_images, prior_rejects)
+            return df
+
+        resolved = processed.transform(per_file).transform(with_duplicates_resolved)
         if prior_images is not None:
             resolved = resolved.transform(lambda df: with_prior_duplicates(df, prior_images))
         resolved = resolved.persist(StorageLevel.MEMORY_AND_DISK)
@@ -368,6 +406,20 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
                  F.sum("npix").alias("npix"))
             .collect()  # one row per (reason, split, label): bounded by classes, not by data
         )
+        scanned = sum(g["n"] for g in groups)
+        if scanned < files_seen:
+            # Spark's scan skips zero-byte files: only now, and only when some are missing, the
+            # listing is compared with the scanned paths (one path-only pass, no content read).
+            log.info("ingest: %d listed files never reach the scan (0 bytes)", files_seen - scanned)
+            unscanned = unscanned_files(spark, listed_files, raw).transform(per_file)
+            unscanned = unscanned.select(*[F.col(c) if c in unscanned.columns else F.lit(None).cast(resolved.schema[c].dataType).alias(c)
+                                           for c in resolved.columns]).persist(StorageLevel.MEMORY_AND_DISK)
+            persisted.append(unscanned)
+            groups = groups + unscanned.groupBy("reason", "split", "label").agg(
+                F.count(F.lit(1)).alias("n"), F.lit(None).cast("long").alias("bytes"),
+                *[F.lit(None).cast("double").alias(c) for c in _STAT_COLS], F.lit(None).cast("long").alias("npix"),
+            ).collect()
+            resolved = resolved.unionByName(unscanned)
         timings["clean_s"] = round(time.perf_counter() - t, 3)
 
         run_rejected: Dict[str, int] = {}
@@ -449,13 +501,14 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
 
             t = time.perf_counter()
             set_job_description(spark, "ingest: reconcile")
-            written = {r[SPLIT_COLUMN]: r["count"] for r in
-                       spark.read.parquet(join(staging, IMAGES_DIR)).groupBy(SPLIT_COLUMN).count().collect()}
-            written_rejects = spark.read.parquet(join(staging, REJECTS_DIR)).count()
+            footers = {s: _footer_counts(spark, fs, join(staging, IMAGES_DIR, f"{SPLIT_COLUMN}={s}"))
+                       for s in _split_dirs(fs, join(staging, IMAGES_DIR))}
+            written = {s: n for s, (_, n) in footers.items() if n}
+            written_rejects = _footer_counts(spark, fs, join(staging, REJECTS_DIR))[1]
             check_invariant(total_seen, sum(written.values()), {"(written rejects)": written_rejects})
             if written != splits:
                 raise InvariantError(f"images/ holds {written} rows per split, expected {splits}: nothing was committed")
-            row_groups = {s: _row_groups(spark, fs, join(staging, IMAGES_DIR, f"{SPLIT_COLUMN}={s}")) for s in sorted(splits)}
+            row_groups = {s: footers[s][0] for s in sorted(splits)}
             timings["reconcile_s"] = round(time.perf_counter() - t, 3)
             if 0 < n_train and row_groups.get("train", 0) < need:
                 log.warning("ingest: train split has %d row groups (%d rows) < 4 x ingest.max_train_procs = %d: "
