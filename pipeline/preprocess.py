@@ -108,6 +108,38 @@ def check_header(data: bytes, spec: ImageSpec) -> None:
         )
 
 
+#: PNG signature + IHDR chunk header: the first 16 bytes of every well-formed PNG.
+_PNG_PREFIX = np.frombuffer(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", dtype=np.uint8)
+#: IHDR colour type of an 8-bit PNG with 1 (greyscale) or 3 (truecolour) channels.
+_PNG_COLOR_TYPE = {1: 0, 3: 2}
+
+
+def png_headers_match(data: np.ndarray, offsets: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """Vectorised :func:`check_header` for a batch of PNGs held in one buffer (Arrow binary layout).
+
+    ``data`` is the uint8 buffer and ``offsets`` the ``n + 1`` start offsets of the images in it.
+    True where the IHDR says exactly ``spec``: width, height, 8 bits, ``spec.channels`` channels
+    (no palette, no alpha). Only those may be decoded without further checks; the others must
+    go through :func:`check_header` / :func:`decode_batch` one at a time (bombs, other sizes,
+    other colour types, not a PNG at all).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = len(offsets) - 1
+    ok = np.zeros(n, dtype=bool)
+    color = _PNG_COLOR_TYPE.get(spec.channels)
+    if n <= 0 or color is None or spec.format != "png" or len(data) < 29:
+        return ok
+    starts = offsets[:-1]
+    ok = (offsets[1:] - starts) >= 29
+    idx = np.where(ok, starts, 0)[:, None] + np.arange(29)
+    hdr = np.asarray(data, dtype=np.uint8)[np.minimum(idx, len(data) - 1)]
+    be = np.array([1 << 24, 1 << 16, 1 << 8, 1], dtype=np.int64)
+    width = hdr[:, 16:20].astype(np.int64) @ be
+    height = hdr[:, 20:24].astype(np.int64) @ be
+    return (ok & (hdr[:, :16] == _PNG_PREFIX).all(axis=1) & (width == spec.width) & (height == spec.height)
+            & (hdr[:, 24] == 8) & (hdr[:, 25] == color))
+
+
 # --- numpy path (scoring) -----------------------------------------------------
 
 def decode_batch(images: Sequence[bytes], spec: ImageSpec) -> np.ndarray:
