@@ -33,6 +33,22 @@ def test_compact_cnn_is_compact():
     assert 100_000 < params < 1_000_000
 
 
+def test_compact_cnn_width_and_convs_per_block_shape_the_network():
+    from keras import layers
+
+    def convs(model):
+        return [(l.name, l.filters) for l in model.layers if isinstance(l, layers.Conv2D)]
+
+    assert convs(build_model("compact_cnn", (28, 28, 1), 10)) == [
+        ("block1a_conv", 32), ("block1b_conv", 32), ("block2a_conv", 64), ("block2b_conv", 64)]
+    small = build_model("compact_cnn", (28, 28, 1), 10, width=24, convs_per_block=1)
+    assert convs(small) == [("block1a_conv", 24), ("block2a_conv", 48)]
+    assert convs(build_model("compact_cnn", (64, 64, 3), 5, width=16, convs_per_block=1)) == [
+        ("block1a_conv", 16), ("block2a_conv", 32), ("block3a_conv", 64), ("block4a_conv", 64)]
+    with pytest.raises(ConfigError, match="convs per block"):
+        build_model("compact_cnn", (28, 28, 1), 10, convs_per_block=0)
+
+
 def test_softmax_stays_float32_under_mixed_precision():
     import keras
 

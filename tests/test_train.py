@@ -35,6 +35,14 @@ def test_learning_rate_warms_up_linearly_to_size_times_base():
     assert learning_rate_at(3, base_lr=0.01, size=1, warmup_steps=10) == pytest.approx(0.01)
 
 
+def test_cosine_schedule_decays_from_the_peak_to_the_floor_after_warm_up():
+    kw = dict(base_lr=0.01, size=2, warmup_steps=2, schedule="cosine", total_steps=10, min_ratio=0.1)
+    lrs = [learning_rate_at(s, **kw) for s in (0, 1, 2, 6, 10, 12)]
+    # warm-up 0.01 -> 0.02, then 0.02 -> 0.002 along a half cosine (midpoint 0.011), held at the floor.
+    assert lrs == pytest.approx([0.01, 0.015, 0.02, 0.011, 0.002, 0.002])
+    assert learning_rate_at(6, **{**kw, "schedule": "constant"}) == pytest.approx(0.02)
+
+
 def test_early_stopping_state_survives_a_resume():
     values = [0.50, 0.60, 0.58, 0.59, 0.61, 0.60, 0.60, 0.60]
     straight = EarlyStopping("val_accuracy", patience=2)
