@@ -201,6 +201,8 @@ class ScoreConfig(_Section):
     #: TensorFlow threads per Python worker; 1 keeps N task slots on N cores (0 = TF default).
     intra_op_threads: int = Field(1, ge=0, le=256)
     inter_op_threads: int = Field(1, ge=0, le=256)
+    #: Input tasks per task slot (the files split along row groups, no shuffle); >1 evens out slow tasks.
+    tasks_per_slot: int = Field(2, ge=1, le=64)
 
 
 class Config(_Section):

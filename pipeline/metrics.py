@@ -115,6 +115,12 @@ def evaluate(df: "DataFrame", classes: Sequence[str], *, label_col: str = "label
         Class names in the model's index order (fixes the matrix order).
     """
     counts, unlabeled = confusion_counts(df, label_col=label_col, pred_col=pred_col)
+    return evaluate_counts(counts, unlabeled, classes)
+
+
+def evaluate_counts(counts: Mapping[Tuple[str, str], int], unlabeled: int,
+                    classes: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """Metrics from :func:`confusion_counts`' result, or None when no row has a label."""
     if not counts:
         return None
     names, matrix = confusion_matrix(counts, classes)
@@ -163,7 +169,9 @@ def copy_from_local(spark: "SparkSession", local_file: str, uri: str) -> None:
     conf = spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
     dst = jvm.org.apache.hadoop.fs.Path(uri)
     src = jvm.org.apache.hadoop.fs.Path("file://" + os.path.abspath(local_file))
-    dst.getFileSystem(conf).copyFromLocalFile(False, True, src, dst)
+    # FileUtil.copy, not copyFromLocalFile: the latter casts file:// to LocalFileSystem, which
+    # fails when the session maps file:// to RawLocalFileSystem (pipeline.spark on local masters).
+    jvm.org.apache.hadoop.fs.FileUtil.copy(src.getFileSystem(conf), src, dst.getFileSystem(conf), dst, False, True, conf)
 
 
 def write_metrics(spark: "SparkSession", metrics: Mapping[str, Any], out_uri: str, *, title: str = "") -> None:

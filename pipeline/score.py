@@ -24,6 +24,7 @@ a row of ``<out>/rejects/`` (``pipeline.schema.REJECT_FIELDS``); the job checks
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -37,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, 
 from pipeline import metrics as _metrics
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
-from pipeline.preprocess import ImageSpec, Normalization, check_header, decode_batch, header_size, normalize_np
-from pipeline.schema import REJECT_COLUMNS, SPLIT_COLUMN, SPLITS, UNLABELED_SPLIT, Field, ddl
+from pipeline.preprocess import ImageSpec, Normalization, check_header, decode_batch, header_size, png_headers_match
+from pipeline.schema import REJECT_COLUMNS, REJECT_FIELDS, SPLIT_COLUMN, SPLITS, UNLABELED_SPLIT, Field, ddl
 from pipeline.spark import assert_on_driver, is_local_master, set_job_description, task_slots
 from pipeline.storage import (
     COMMIT_MARKER, HadoopFS, atomic_output, check_output_mode, join, local_path, parent_and_name, to_uri,
@@ -66,9 +67,7 @@ PREDICTION_FIELDS: Tuple[Field, ...] = (
 )
 PREDICTION_COLUMNS = tuple(f.name for f in PREDICTION_FIELDS)
 _PREDICTION_DDL = ddl(PREDICTION_FIELDS)
-# Internal: why a row could not be scored (null = scored); split off into rejects/.
-_REASON, _DETAIL = "_reject_reason", "_reject_detail"
-_WORKER_FIELDS = PREDICTION_FIELDS + (Field(_REASON, str, "string", True), Field(_DETAIL, str, "string", True))
+_REJECT_DDL = ddl(REJECT_FIELDS)
 _INPUT_COLUMNS = ("image_id", "source_path", "label", SPLIT_COLUMN, "image")
 
 MODEL_JSON = "model.json"
@@ -188,7 +187,9 @@ def _copy_to_local(spark: "SparkSession", uri: str, dst: str) -> None:
     jvm = spark.sparkContext._jvm  # noqa: SLF001
     conf = spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
     src = jvm.org.apache.hadoop.fs.Path(uri)
-    src.getFileSystem(conf).copyToLocalFile(False, src, jvm.org.apache.hadoop.fs.Path("file://" + dst), True)
+    local = jvm.org.apache.hadoop.fs.Path("file://" + dst)
+    # FileUtil.copy: copyToLocalFile casts file:// to LocalFileSystem (fails under RawLocalFileSystem).
+    jvm.org.apache.hadoop.fs.FileUtil.copy(src.getFileSystem(conf), src, local.getFileSystem(conf), local, False, True, conf)
 
 
 def _driver_model_file(spark: "SparkSession", model: ModelInfo) -> str:
@@ -209,8 +210,16 @@ def _driver_model_file(spark: "SparkSession", model: ModelInfo) -> str:
     return path
 
 
+#: Models this driver process has loaded and checked, by (file, model_id): the id is the file's
+#: sha256 (verified on every run), so the same id means the same bytes and the same verdict.
+_CHECKED_MODELS: set = set()
+
+
 def check_model_file(path: str, model: ModelInfo) -> None:
     """Load the model once on the driver (safe mode) and check its input and output shapes."""
+    key = (path, model.model_id, model.spec, len(model.classes))
+    if key in _CHECKED_MODELS:
+        return
     import keras
 
     try:
@@ -226,6 +235,7 @@ def check_model_file(path: str, model: ModelInfo) -> None:
     if out != len(model.classes):
         raise DataError(f"model outputs {out} classes but {MODEL_JSON} lists {len(model.classes)}: "
                         "re-export the model with train")
+    _CHECKED_MODELS.add(key)
 
 
 # --- the executor side -----------------------------------------------------------
@@ -248,8 +258,9 @@ class ScoringPlan:
     fault: Optional[str] = None
 
 
-#: Per-Python-worker cache: (path, model_id) -> (model, compiled predict function).
-_WORKER_MODELS: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
+#: Per-Python-worker caches: (path, model_id) -> compiled predict function; ImageSpec -> decoder.
+_WORKER_MODELS: Dict[Tuple[str, str], Any] = {}
+_WORKER_DECODERS: Dict[ImageSpec, Any] = {}
 _TF_THREADS_SET = False
 
 
@@ -267,12 +278,17 @@ def _configure_tf(intra: int, inter: int) -> None:
         if inter:
             tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError:  # TF already initialised in this process: keep what it has
-        log.debug("TF threads already initialised in this worker")
+        log.warning("TF was initialised before pixelmill could pin its threads in this worker (intra %s, inter %s)",
+                    tf.config.threading.get_intra_op_parallelism_threads(),
+                    tf.config.threading.get_inter_op_parallelism_threads())
     _TF_THREADS_SET = True
 
 
-def worker_model(plan: ScoringPlan) -> Tuple[Any, Any]:
-    """The plan's model and a ``tf.function`` predicting with it; loaded once per Python worker."""
+def worker_model(plan: ScoringPlan) -> Any:
+    """A ``tf.function`` mapping 0..255 float32 pixels to probabilities; loaded once per Python worker.
+
+    Normalisation runs inside the same graph as the model (one call per batch).
+    """
     key = (plan.model_path, plan.model_id)
     hit = _WORKER_MODELS.get(key)
     if hit is not None:
@@ -287,72 +303,154 @@ def worker_model(plan: ScoringPlan) -> Tuple[Any, Any]:
 
         path = SparkFiles.get(plan.model_path)
     model = keras.saving.load_model(path, safe_mode=True, compile=False)
-    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    mean = tf.constant(plan.norm.mean, tf.float32)
+    std = tf.constant(plan.norm.std, tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec((None,) + plan.spec.shape, tf.float32)])
+    def predict(pixels: Any) -> Any:
+        return model((pixels - mean) / std, training=False)
+
     _WORKER_MODELS.clear()  # one model per worker at a time: memory stays bounded
-    _WORKER_MODELS[key] = (model, predict)
-    return model, predict
+    _WORKER_MODELS[key] = predict
+    return predict
 
 
-def _decode_rows(images: Sequence[bytes], spec: ImageSpec) -> Tuple[Any, List[Optional[Tuple[str, str]]]]:
-    """Decode a batch; rows that fail get ``(reason, detail)`` and zeros instead of pixels."""
+def worker_decoder(spec: ImageSpec) -> Any:
+    """A ``tf.function`` decoding a batch of encoded PNGs to float32 ``(n, h, w, c)`` 0..255 pixels.
+
+    Only for images whose header :func:`pipeline.preprocess.png_headers_match` accepted
+    (exact size, 8-bit, ``spec.channels``): the bomb check happens before, on the whole batch.
+    """
+    hit = _WORKER_DECODERS.get(spec)
+    if hit is not None:
+        return hit
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((None,), tf.string)])
+    def decode(images: Any) -> Any:
+        pixels = tf.map_fn(lambda b: tf.ensure_shape(tf.io.decode_png(b, channels=spec.channels), spec.shape),
+                           images, fn_output_signature=tf.TensorSpec(spec.shape, tf.uint8))
+        return tf.cast(pixels, tf.float32)
+
+    _WORKER_DECODERS[spec] = decode
+    return decode
+
+
+def _binary_layout(arr: Any) -> Tuple[Any, Any, Any]:
+    """``(data, offsets, valid)`` numpy views of an Arrow binary array (no copy of the bytes)."""
     import numpy as np
+    import pyarrow as pa
 
+    n = len(arr)
+    valid = np.ones(n, dtype=bool) if arr.null_count == 0 else ~np.asarray(arr.is_null())
+    _, off_buf, data_buf = arr.buffers()
+    off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(off_buf, dtype=off_type)[arr.offset:arr.offset + n + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return data, offsets, valid
+
+
+def _decode_one(data: Optional[bytes], spec: ImageSpec) -> Tuple[Any, Optional[Tuple[str, str]]]:
+    """The careful path for one image: header check, then Pillow; ``(pixels, None)`` or ``(None, (reason, detail))``."""
+    size = None
     try:
-        return decode_batch(images, spec), [None] * len(images)
-    except Exception:  # noqa: BLE001 - find which rows are bad, one at a time
-        pass
-    out = np.zeros((len(images),) + spec.shape, dtype=np.float32)
-    errors: List[Optional[Tuple[str, str]]] = []
-    for i, data in enumerate(images):
-        size = None
-        try:
-            data = bytes(data) if data is not None else b""
-            size = header_size(data)
-            if size is not None and size != (spec.width, spec.height):
-                check_header(data, spec)  # raises with the size in the message
-            out[i] = decode_batch([data], spec)[0]
-            errors.append(None)
-        except Exception as e:  # noqa: BLE001
-            reason = "wrong_size" if size is not None and size != (spec.width, spec.height) else "undecodable"
-            if reason == "undecodable" and "shape" in str(e):
-                reason = "wrong_shape"
-            errors.append((reason, (str(e).strip().splitlines() or [type(e).__name__])[0][:500]))
-    return out, errors
+        data = bytes(data) if data is not None else b""
+        size = header_size(data)
+        if size is not None and size != (spec.width, spec.height):
+            check_header(data, spec)  # raises with the size in the message
+        return decode_batch([data], spec)[0], None
+    except Exception as e:  # noqa: BLE001 - every failure is a reject with its reason
+        reason = "wrong_size" if size is not None and size != (spec.width, spec.height) else "undecodable"
+        if reason == "undecodable" and "shape" in str(e):
+            reason = "wrong_shape"
+        return None, (reason, (str(e).strip().splitlines() or [type(e).__name__])[0][:500])
 
 
-def score_batch(predict: Any, pdf: "pd.DataFrame", plan: ScoringPlan) -> "pd.DataFrame":
-    """Predictions for one pandas batch of ingest rows (columns ``_INPUT_COLUMNS``)."""
+def decode_images(images: Any, spec: ImageSpec) -> Tuple[Any, Any, Dict[int, Tuple[str, str]]]:
+    """Decode an Arrow binary array: ``(pixels of the good rows, good mask, {row: (reason, detail)})``.
+
+    PNGs whose header says exactly ``spec`` (checked for the whole batch at once, the
+    decompression-bomb guard) are decoded in one TensorFlow call; everything else, and a batch
+    the fast decoder refuses, goes through :func:`_decode_one` row by row, which finds the reason.
+    """
     import numpy as np
-    import pandas as pd
 
-    n = len(pdf)
-    x, errors = _decode_rows(pdf["image"].tolist(), plan.spec)
-    good = np.array([e is None for e in errors], dtype=bool)
-    k = len(plan.classes)
-    probs = np.zeros((n, k), dtype=np.float32)
-    if good.any():
-        xs = normalize_np(x[good], plan.norm)
-        probs[good] = np.asarray(predict(xs), dtype=np.float32).reshape(-1, k)
+    n = len(images)
+    data, offsets, valid = _binary_layout(images)
+    fast = png_headers_match(data, offsets, spec) & valid
+    blobs = images.to_pylist()
+    if fast.all():
+        try:
+            return worker_decoder(spec)(blobs), np.ones(n, dtype=bool), {}
+        except Exception:  # noqa: BLE001 - a body that does not decode: find it row by row
+            fast[:] = False
+    pixels = np.zeros((n,) + spec.shape, dtype=np.float32)
+    if fast.any():
+        rows = np.flatnonzero(fast)
+        try:
+            pixels[rows] = worker_decoder(spec)([blobs[i] for i in rows]).numpy()
+        except Exception:  # noqa: BLE001
+            fast[:] = False
+    errors: Dict[int, Tuple[str, str]] = {}
+    for i in np.flatnonzero(~fast):
+        px, err = _decode_one(blobs[i], spec)
+        if err is None:
+            pixels[i] = px
+        else:
+            errors[int(i)] = err
+    good = np.ones(n, dtype=bool)
+    good[list(errors)] = False
+    return pixels[good], good, errors
+
+
+def arrow_schema(fields: Sequence[Field]) -> Any:
+    """The Arrow schema Spark expects back from ``mapInArrow`` for ``fields``."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int": pa.int32(), "float": pa.float32(),
+             "array<string>": pa.list_(pa.string()), "array<float>": pa.list_(pa.float32()),
+             "timestamp": pa.timestamp("us", tz="UTC")}
+    return pa.schema([pa.field(f.name, types[f.spark_type], f.nullable) for f in fields])
+
+
+def prediction_batch(rows: Any, probs: Any, plan: ScoringPlan) -> Any:
+    """Prediction rows (``PREDICTION_FIELDS``) for the Arrow ``rows`` and their probabilities, built column-wise."""
+    import numpy as np
+    import pyarrow as pa
+
+    m, k = probs.shape
     top = min(plan.top_k, k)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
-    top_p = np.take_along_axis(probs, order, axis=1)
-    names = np.asarray(plan.classes, dtype=object)
+    top_p = np.take_along_axis(probs, order, axis=1).astype(np.float32)
+    names = pa.array(plan.classes, pa.string())
     pred_index = order[:, 0].astype(np.int32)
-    return pd.DataFrame({
-        "image_id": pdf["image_id"].to_numpy(),
-        "source_path": pdf["source_path"].to_numpy(),
-        "label": pdf["label"].to_numpy(),
-        SPLIT_COLUMN: pdf[SPLIT_COLUMN].to_numpy(),
-        "pred_label": np.where(good, names[pred_index], None),
-        "pred_index": np.where(good, pred_index, -1).astype(np.int32),
-        "probability": np.where(good, top_p[:, 0], np.nan).astype(np.float32),
-        "top_k_labels": [list(names[o]) if g else [] for o, g in zip(order, good)],
-        "top_k_probabilities": [p if g else np.zeros(0, np.float32) for p, g in zip(top_p, good)],
-        "model_id": plan.model_id,
-        "scored_at": pd.Series([pd.Timestamp(plan.scored_at)] * n, dtype="datetime64[ns, UTC]"),
-        _REASON: [e[0] if e else None for e in errors],
-        _DETAIL: [e[1] if e else None for e in errors],
-    })
+    offsets = pa.array(np.arange(0, m * top + 1, top, dtype=np.int32))
+    stamp = np.datetime64(int(plan.scored_at.timestamp() * 1_000_000), "us")
+    return pa.RecordBatch.from_arrays([
+        rows.column("image_id"), rows.column("source_path"), rows.column("label"), rows.column(SPLIT_COLUMN),
+        names.take(pa.array(pred_index)),
+        pa.array(pred_index, pa.int32()),
+        pa.array(top_p[:, 0], pa.float32()),
+        pa.ListArray.from_arrays(offsets, names.take(pa.array(order.reshape(-1)))),
+        pa.ListArray.from_arrays(offsets, pa.array(top_p.reshape(-1), pa.float32())),
+        pa.array([plan.model_id], pa.string()).take(pa.array(np.zeros(m, dtype=np.int32))),
+        pa.array(np.full(m, stamp), pa.timestamp("us", tz="UTC")),
+    ], schema=arrow_schema(PREDICTION_FIELDS))
+
+
+def reject_batch(rows: Any, errors: Mapping[int, Tuple[str, str]]) -> Any:
+    """Reject rows (``REJECT_FIELDS``) for the rows of ``rows`` listed in ``errors``."""
+    import pyarrow as pa
+
+    idx = pa.array(sorted(errors), pa.int32())
+    by_name = {
+        "source_path": rows.column("source_path").take(idx),
+        "reason": pa.array([errors[i][0] for i in sorted(errors)], pa.string()),
+        "detail": pa.array([errors[i][1] for i in sorted(errors)], pa.string()),
+        "image_id": rows.column("image_id").take(idx),
+    }
+    return pa.RecordBatch.from_arrays([by_name[c] for c in REJECT_COLUMNS], schema=arrow_schema(REJECT_FIELDS))
 
 
 def _fault_hook(plan: ScoringPlan) -> Optional[str]:
@@ -368,19 +466,43 @@ def _fault_hook(plan: ScoringPlan) -> Optional[str]:
     return kind.strip()
 
 
-def score_partition(batches: Iterator["pd.DataFrame"], plan: ScoringPlan) -> Iterator["pd.DataFrame"]:
-    """``mapInPandas`` body: load the model once, score ``plan.batch_size`` rows per call."""
-    _, predict = worker_model(plan)
+def _chunks(batches: Iterator[Any], size: int) -> Iterator[Any]:
+    for rb in batches:
+        for start in range(0, rb.num_rows, size):
+            yield rb.slice(start, size)
+
+
+def score_partition(batches: Iterator[Any], plan: ScoringPlan, rejects_seen: Any = None) -> Iterator[Any]:
+    """``mapInArrow`` body: predictions for every decodable row, ``plan.batch_size`` rows per model call.
+
+    Rows that cannot be decoded are not output here; their number is added to the
+    ``rejects_seen`` accumulator, so the driver knows whether the rejects pass must run.
+    """
+    import numpy as np
+
+    predict = worker_model(plan)
+    k = len(plan.classes)
     fault = _fault_hook(plan)
-    done = 0
-    for pdf in batches:
-        for start in range(0, len(pdf), plan.batch_size):
-            yield score_batch(predict, pdf.iloc[start:start + plan.batch_size], plan)
-            done += 1
-            if fault and done == 1:  # fail after some output was produced: "mid-way"
-                if fault == "exit":
-                    os._exit(17)
-                raise RuntimeError(f"injected scoring fault ({FAULT_PROPERTY}={plan.fault})")
+    for done, chunk in enumerate(_chunks(batches, plan.batch_size), start=1):
+        pixels, good, errors = decode_images(chunk.column("image"), plan.spec)
+        if errors and rejects_seen is not None:
+            rejects_seen.add(len(errors))
+        if good.any():
+            probs = np.asarray(predict(pixels), dtype=np.float32).reshape(-1, k)
+            rows = chunk if good.all() else chunk.filter(good)
+            yield prediction_batch(rows, probs, plan)
+        if fault and done == 1:  # fail after some output was produced: "mid-way"
+            if fault == "exit":
+                os._exit(17)
+            raise RuntimeError(f"injected scoring fault ({FAULT_PROPERTY}={plan.fault})")
+
+
+def reject_partition(batches: Iterator[Any], plan: ScoringPlan) -> Iterator[Any]:
+    """``mapInArrow`` body of the rejects pass: the same decoding as scoring, no model; reject rows only."""
+    for chunk in _chunks(batches, plan.batch_size):
+        _, _, errors = decode_images(chunk.column("image"), plan.spec)
+        if errors:
+            yield reject_batch(chunk, errors)
 
 
 # --- the driver side ----------------------------------------------------------------
@@ -438,8 +560,20 @@ def read_split(spark: "SparkSession", data_uri: str, split: str, available: Mapp
     return df.select(*_INPUT_COLUMNS)
 
 
-def _worker_schema() -> str:
-    return ddl(_WORKER_FIELDS)
+@contextlib.contextmanager
+def _session_confs(spark: "SparkSession", confs: Mapping[str, str]) -> Iterator[None]:
+    """Set SQL confs for the duration of the block, then restore what was there."""
+    old = {k: spark.conf.get(k, None) for k in confs}
+    for k, v in confs.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
 
 
 def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, output_uri: str,
@@ -451,9 +585,6 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
     when unlabeled), ``model_id``, URIs and timings.
     """
     assert_on_driver()
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     t0 = time.time()
     data_uri, model_uri, output_uri = to_uri(data_uri), to_uri(model_uri), to_uri(output_uri)
     scfg = cfg.score
@@ -493,72 +624,75 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
     )
 
     slots = task_slots(spark)
-    if df.rdd.getNumPartitions() < slots:  # few big files would leave cores idle
-        df = df.repartition(slots)
-    log.info("scoring split %r of %s with model %s (%d classes, %s) on %d task slots",
-             split, data_uri, model.model_id, len(model.classes), "x".join(map(str, model.spec.shape)), slots)
-
     summary: Dict[str, Any] = {"stage": "score", "split": split, "model_id": model.model_id,
                                "data_uri": data_uri, "model_dir": model.model_dir, "output_uri": output_uri}
-    conf_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    old_batch = spark.conf.get(conf_key, None)
-    spark.conf.set(conf_key, str(scfg.batch_size))
+    # Arrow batches the size of a model call; the files split along row groups into
+    # ~tasks_per_slot tasks per slot (no shuffle of image bytes), so every slot stays busy.
+    confs = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(scfg.batch_size),
+             "spark.sql.files.minPartitionNum": str(slots * scfg.tasks_per_slot)}
     try:
-        with atomic_output(spark, output_uri, commit_info=summary) as staging:
-            pred_uri = join(staging, "predictions")
-            scored = (df.mapInPandas(functools.partial(score_partition, plan=plan), schema=_worker_schema())
-                      .persist(StorageLevel.MEMORY_AND_DISK))
-            try:
+        with _session_confs(spark, confs):
+            parts = df.rdd.getNumPartitions()
+            if parts < slots:  # files too few and too small to split: only then shuffle
+                log.info("input has %d partition(s) for %d task slots: repartitioning", parts, slots)
+                df, parts = df.repartition(slots), slots
+            log.info("scoring split %r of %s (%d rows, %d tasks) with model %s (%d classes, %s) on %d task slots",
+                     split, data_uri, rows_in, parts, model.model_id, len(model.classes),
+                     "x".join(map(str, model.spec.shape)), slots)
+            with atomic_output(spark, output_uri, commit_info=summary) as staging:
+                pred_uri, rejects_uri = join(staging, "predictions"), join(staging, "rejects")
+                # One pass: decode, predict, write. Undecodable rows are only counted here.
+                rejects_seen = sc.accumulator(0)
                 set_job_description(spark, f"pixelmill score: predict {rows_in} rows with model {model.model_id}")
                 t_score = time.time()
-                writer = (scored.filter(F.col(_REASON).isNull()).select(*PREDICTION_COLUMNS)
-                          .write.mode("overwrite"))
+                scored = df.mapInArrow(functools.partial(score_partition, plan=plan, rejects_seen=rejects_seen),
+                                       schema=_PREDICTION_DDL)
+                writer = scored.select(*PREDICTION_COLUMNS).write.mode("overwrite")
                 if scfg.partition_by:
                     writer = writer.partitionBy(scfg.partition_by)
                 writer.parquet(pred_uri)
                 score_s = time.time() - t_score
-                rejected = scored.filter(F.col(_REASON).isNotNull()).count()
-                if rejected:
-                    log.warning("%d row(s) could not be decoded to %s: see %s/rejects/", rejected,
-                                "x".join(map(str, model.spec.shape)), output_uri)
-                    (scored.filter(F.col(_REASON).isNotNull())
-                     .select(F.col("source_path"), F.col(_REASON).alias("reason"),
-                             F.col(_DETAIL).alias("detail"), F.col("image_id"))
-                     .select(*REJECT_COLUMNS).write.mode("overwrite").parquet(join(staging, "rejects")))
-            finally:
-                scored.unpersist()
 
-            # Read back with the declared schema: no partition-type inference ("0".."9" labels stay strings).
-            written = spark.read.schema(_PREDICTION_DDL).parquet(pred_uri).count() if rows_in - rejected else 0
-            if written + rejected != rows_in:
-                raise InvariantError(f"scored {rows_in} rows but wrote {written} predictions + {rejected} rejects: "
-                                     "output discarded; rerun the job")
-            set_job_description(spark, f"pixelmill score: metrics of {written} predictions")
-            t_metrics = time.time()
-            metrics = (_metrics.evaluate(spark.read.schema(_PREDICTION_DDL).parquet(pred_uri), model.classes)
-                       if written else None)
-            if metrics is not None:
-                _metrics.write_metrics(spark, {**metrics, "model_id": model.model_id, "split": split,
-                                               "data_uri": data_uri, "scored_at": scored_at.isoformat()},
-                                       staging, title=f"model {model.model_id}, split {split}")
-            metrics_s = time.time() - t_metrics
-            total_s = time.time() - t0
-            summary.update({
-                "rows": written, "rows_in": rows_in, "rejected": rejected,
-                "predictions_uri": join(output_uri, "predictions"),
-                "metrics_uri": join(output_uri, _metrics.METRICS_FILE) if metrics else None,
-                "metrics": None if metrics is None else {
-                    k: metrics[k] for k in ("rows", "accuracy", "macro_precision", "macro_recall", "macro_f1")},
-                "scored_at": scored_at.isoformat(),
-                "timings": {"total_s": round(total_s, 3), "checks_s": round(checks_s, 3),
-                            "score_s": round(score_s, 3), "metrics_s": round(metrics_s, 3)},
-                "images_per_second": round(rows_in / score_s, 1) if score_s > 0 else None,
-            })
+                # Counts and metrics from what was written, with one aggregation. Read back with
+                # the declared schema: no partition-type inference ("0".."9" labels stay strings).
+                t_metrics = time.time()
+                set_job_description(spark, f"pixelmill score: count and evaluate the predictions of {rows_in} rows")
+                counts, unlabeled = _metrics.confusion_counts(spark.read.schema(_PREDICTION_DDL).parquet(pred_uri))
+                written = sum(counts.values()) + unlabeled
+                rejected = 0
+                if rejects_seen.value or written != rows_in:
+                    # Rare: some stored bytes do not decode. Same decoding again, no model, reject rows only.
+                    set_job_description(spark, f"pixelmill score: write the rejects of {rows_in} rows")
+                    (df.mapInArrow(functools.partial(reject_partition, plan=plan), schema=_REJECT_DDL)
+                     .select(*REJECT_COLUMNS).write.mode("overwrite").parquet(rejects_uri))
+                    rejected = spark.read.schema(_REJECT_DDL).parquet(rejects_uri).count()
+                    if rejected:
+                        log.warning("%d row(s) could not be decoded to %s: see %s/rejects/", rejected,
+                                    "x".join(map(str, model.spec.shape)), output_uri)
+                    else:
+                        fs.delete(rejects_uri)
+                if written + rejected != rows_in:
+                    raise InvariantError(f"scored {rows_in} rows but wrote {written} predictions + {rejected} rejects: "
+                                         "output discarded; rerun the job")
+                metrics = _metrics.evaluate_counts(counts, unlabeled, model.classes)
+                if metrics is not None:
+                    _metrics.write_metrics(spark, {**metrics, "model_id": model.model_id, "split": split,
+                                                   "data_uri": data_uri, "scored_at": scored_at.isoformat()},
+                                           staging, title=f"model {model.model_id}, split {split}")
+                metrics_s = time.time() - t_metrics
+                total_s = time.time() - t0
+                summary.update({
+                    "rows": written, "rows_in": rows_in, "rejected": rejected,
+                    "predictions_uri": join(output_uri, "predictions"),
+                    "metrics_uri": join(output_uri, _metrics.METRICS_FILE) if metrics else None,
+                    "metrics": None if metrics is None else {
+                        k: metrics[k] for k in ("rows", "accuracy", "macro_precision", "macro_recall", "macro_f1")},
+                    "scored_at": scored_at.isoformat(),
+                    "timings": {"total_s": round(total_s, 3), "checks_s": round(checks_s, 3),
+                                "score_s": round(score_s, 3), "metrics_s": round(metrics_s, 3)},
+                    "images_per_second": round(rows_in / score_s, 1) if score_s > 0 else None,
+                })
     finally:
-        if old_batch is None:
-            spark.conf.unset(conf_key)
-        else:
-            spark.conf.set(conf_key, old_batch)
         set_job_description(spark, None)  # type: ignore[arg-type]
     log.info("scored %d rows (%d rejected) in %.1fs: %s", summary["rows"], summary["rejected"],
              summary["timings"]["total_s"],
