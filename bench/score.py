@@ -65,7 +65,7 @@ FASHION_DIRS = (Path("/usr/share/datasets/fashion-mnist"), CACHE / "deb" / "usr/
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 N_IMAGES = int(os.environ.get("BENCH_SCORE_IMAGES", "30000"))
 N_NAIVE = int(os.environ.get("BENCH_SCORE_NAIVE", "600"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
 BATCH = 256
 FILES = 4
 

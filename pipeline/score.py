@@ -682,7 +682,7 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
                 metrics_s = time.time() - t_metrics
                 total_s = time.time() - t0
                 summary.update({
-                    "rows": written, "rows_in": rows_in, "rejected": rejected,
+                    "rows": written, "rows_in": rows_in, "rejected": rejected, "tasks": parts,
                     "predictions_uri": join(output_uri, "predictions"),
                     "metrics_uri": join(output_uri, _metrics.METRICS_FILE) if metrics else None,
                     "metrics": None if metrics is None else {

@@ -420,33 +420,85 @@ def test_interrupted_run_then_rerun_has_no_duplicates_and_no_missing_rows(spark,
     np.testing.assert_allclose(a["probability"], b["probability"], rtol=1e-4, atol=1e-5)
 
 
-def test_undecodable_and_oversized_images_are_rejected_not_lost(spark, cfg, keras_model, manifest, tmp_path):
+def _bomb(width: int = 50000, height: int = 50000, color_type: int = 2, bits: int = 8) -> bytes:
+    """A PNG signature + IHDR claiming ``width x height`` pixels, and no pixel data."""
     import struct
     import zlib
 
+    ihdr = struct.pack(">IIBBBBB", width, height, bits, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + b"\x00" * 64)
+
+
+def test_batch_header_check_accepts_exactly_what_the_per_image_check_and_decoder_accept():
+    """The vectorised bomb check: only exact-size 8-bit PNGs of the right channels reach the fast decoder."""
+    import pyarrow as pa
+
+    from pipeline.preprocess import ImageSpec, check_header, png_headers_match
+    from pipeline.score import _binary_layout
+
+    rng = np.random.default_rng(1)
+    rgb = _png(_stripes("vertical", rng, SIZE, 3))
+    cases = {
+        "rgb ok": (rgb, True),
+        "bomb": (_bomb(), False),
+        "other size": (_png(_stripes("vertical", rng, SIZE + 1, 3)), False),
+        "grey in an rgb dataset": (_png(_stripes("vertical", rng, SIZE, 1)), False),
+        "rgba": (_png(np.dstack([_stripes("vertical", rng, SIZE, 3), np.full((SIZE, SIZE), 255, np.uint8)])), False),
+        "16-bit header": (_bomb(SIZE, SIZE, bits=16), False),
+        "palette header": (_bomb(SIZE, SIZE, color_type=3), False),
+        "not an image": (b"not an image", False),
+        "empty": (b"", False),
+        "truncated ihdr": (rgb[:20], False),
+        "null": (None, False),
+        "rgb ok again": (rgb, True),
+    }
+    spec = ImageSpec(SIZE, SIZE, 3)
+    arr = pa.array([blob for blob, _ in cases.values()], pa.binary())
+    for sliced in (arr, arr.slice(1)):  # Arrow slices start at an offset into the shared buffers
+        data, offsets, valid = _binary_layout(sliced)
+        got = (png_headers_match(data, offsets, spec) & valid).tolist()
+        assert got == [ok for _, ok in list(cases.values())[len(arr) - len(sliced):]]
+    for name, (blob, ok) in cases.items():
+        if ok:
+            check_header(blob, spec)  # the per-image check agrees: no exception
+    assert png_headers_match(*_binary_layout(arr)[:2], ImageSpec(SIZE, SIZE, 3, "jpeg")).sum() == 0
+
+
+def test_undecodable_and_oversized_images_are_rejected_not_lost(spark, cfg, keras_model, manifest, tmp_path):
     from pipeline import score
 
-    # A PNG header claiming 50000 x 50000 pixels (a decompression bomb) and bytes that are no image at all.
-    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
-    bomb = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
-            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + b"\x00" * 64)
+    # A PNG header claiming 50000 x 50000 pixels (a decompression bomb), bytes that are no image at all,
+    # a PNG whose header is right but whose pixel data is cut short, and a greyscale PNG among RGB ones.
+    bomb = _bomb()
+    rng = np.random.default_rng(9)
+    truncated = _png(_stripes("diagonal", rng, SIZE, 3))
+    truncated = truncated[:len(truncated) // 2]
+    grey = _png(_stripes("diagonal", rng, SIZE, 1))
     data = write_ingest_output(spark, tmp_path / "d", split_sizes={"test": 10}, seed=5,
-                               bad_rows=[(2, bomb), (7, b"not an image")])
+                               bad_rows=[(2, bomb), (7, b"not an image"), (4, truncated), (8, grey)])
     dm = json.loads((tmp_path / "d" / "_manifest.json").read_text())
     dm["stats"] = manifest["stats"]
     model_dir = export_model(keras_model, tmp_path / "m", manifest=dm, classes={c: i for i, c in enumerate(CLASSES)})
     rows = read_images(data)
     out = "file://" + str(tmp_path / "scored")
     summary = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="test", mode="error")
-    assert (summary["rows_in"], summary["rows"], summary["rejected"]) == (10, 8, 2)
-    rej = spark.read.parquet(out + "/rejects").toPandas().sort_values("reason")
+    assert (summary["rows_in"], summary["rows"], summary["rejected"]) == (10, 6, 4)
+    rej = spark.read.parquet(out + "/rejects").toPandas()
     bad_ids = {bytes(b): i for i, b in zip(rows["image_id"], rows["image"])}
-    assert list(rej["reason"]) == ["undecodable", "wrong_size"]
-    assert list(rej["image_id"]) == [bad_ids[b"not an image"], bad_ids[bomb]]
-    assert "50000x50000" in rej["detail"].iloc[1]
-    pred_ids = set(predictions(spark, out)["image_id"])
+    got = {r.image_id: r.reason for r in rej.itertuples()}
+    assert got == {bad_ids[b"not an image"]: "undecodable", bad_ids[truncated]: "undecodable",
+                   bad_ids[bomb]: "wrong_size", bad_ids[grey]: "wrong_shape"}
+    assert "50000x50000" in rej.set_index("image_id").loc[bad_ids[bomb], "detail"]
+    pred = predictions(spark, out)
+    pred_ids = set(pred["image_id"])
     assert pred_ids | set(rej["image_id"]) == set(rows["image_id"]) and not pred_ids & set(rej["image_id"])
-    assert json.loads((tmp_path / "scored" / "_metrics.json").read_text())["rows"] == 8
+    assert json.loads((tmp_path / "scored" / "_metrics.json").read_text())["rows"] == 6
+    # The good rows of the batches that held bad ones are scored exactly as a single process would.
+    good = rows[rows["image_id"].isin(pred_ids)].reset_index(drop=True)
+    expected = keras_model.predict(reference_inputs(good, dm), verbose=0).max(axis=1)
+    got_p = pred.set_index("image_id").loc[list(good["image_id"]), "probability"].to_numpy()
+    np.testing.assert_allclose(got_p, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_real_ingest_output_is_scored_row_for_row(spark, cfg, ingested_sample, tmp_path):
@@ -507,3 +559,39 @@ def test_spark_submit_job_scores_and_prints_summary(data, model_dir, tmp_path, r
     assert (summary["rows"], summary["rows_in"], summary["rejected"]) == (SPLIT_SIZES["test"],) * 2 + (0,)
     assert (out / COMMIT_MARKER).exists() and (out / "_metrics.json").exists()
     assert {p.name.split("=")[0] for p in (out / "predictions").iterdir() if p.is_dir()} == {"pred_label"}
+
+
+def test_one_large_file_is_split_by_row_group_over_every_task_slot_without_a_shuffle(spark, cfg, keras_model,
+                                                                                     manifest, tmp_path):
+    """Few big files must not leave a core idle, and image bytes must not be shuffled to get there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import score
+    from pipeline.spark import task_slots
+
+    rng = np.random.default_rng(3)
+    n = 1200  # noise PNGs of ~850 bytes: one ~1 MB file, several times spark.sql.files.openCostInBytes
+    blobs = [_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
+    root = tmp_path / "big"
+    (root / "images" / "split=test").mkdir(parents=True)
+    table = pa.table({
+        "image_id": [hashlib.sha256(b + i.to_bytes(4, "big")).hexdigest() for i, b in enumerate(blobs)],
+        "source_path": [f"file:///raw/{i}.png" for i in range(n)],
+        "label": [CLASSES[i % 3] for i in range(n)],
+        "label_index": pa.array([i % 3 for i in range(n)], pa.int32()),
+        "height": pa.array([SIZE] * n, pa.int32()), "width": pa.array([SIZE] * n, pa.int32()),
+        "channels": pa.array([3] * n, pa.int32()), "format": ["png"] * n, "image": pa.array(blobs, pa.binary()),
+    })
+    pq.write_table(table, root / "images" / "split=test" / "part-00000.parquet", row_group_size=100)
+    (root / "_manifest.json").write_text(json.dumps({**manifest, "splits": {"test": n}}))
+    (root / COMMIT_MARKER).write_text("{}")
+    model_dir = export_model(keras_model, tmp_path / "m", manifest=manifest,
+                             classes={c: i for i, c in enumerate(CLASSES)})
+    summary = score.run(spark, cfg, data_uri="file://" + str(root), model_uri=model_dir,
+                        output_uri="file://" + str(tmp_path / "scored"), split="test", mode="error")
+    assert (summary["rows"], summary["rows_in"], summary["rejected"]) == (n, n, 0)
+    # Split along row groups into ~tasks_per_slot tasks per slot; the shuffle fallback would give exactly `slots`.
+    assert task_slots(spark) < summary["tasks"] <= n // 100
+    got = predictions(spark, "file://" + str(tmp_path / "scored"))
+    assert sorted(got["image_id"]) == sorted(table.column("image_id").to_pylist())
