@@ -76,7 +76,7 @@ def _interesting(line: str) -> bool:
     noise = ("WARN ", "INFO ShutdownHookManager", "WARNING: Using incubator", "Using Spark's default log4j",
              "Setting default log level", "To adjust logging level", "NativeCodeLoader", "[Stage ",
              "oneDNN", "cpu_feature_guard", "This TensorFlow binary", "To enable the following", "WARNING: All log",
-             "E0000", "W0000", "I0000")
+             "E0000", "W0000", "I0000", "Py4J", "py4j", "ConnectionResetError", "Traceback", "  File ")
     if any(n in line for n in noise):
         return False
     return any(k in line for k in (" INFO pipeline", "epoch", "Epoch", "error", "Error", "rank 0", "ingest", "scor", "%"))
