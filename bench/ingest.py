@@ -26,7 +26,6 @@ datasets' ratios), plus ``ratio_fashion`` and ``ratio_photos``.
 """
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
@@ -34,7 +33,6 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -44,9 +42,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from pipeline import sample_data
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache"
-FASHION_DIRS = (Path("/usr/share/datasets/fashion-mnist"), CACHE / "deb" / "usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 N_FASHION = 20_000
 N_PHOTOS = 2_000
@@ -60,19 +59,6 @@ log = logging.getLogger("bench.ingest")
 
 # --- data ------------------------------------------------------------------------------------
 
-def _fashion_gz() -> Path:
-    for d in FASHION_DIRS:
-        if (d / "train-images-idx3-ubyte.gz").is_file():
-            return d
-    deb = CACHE / "deb"
-    deb.mkdir(parents=True, exist_ok=True)
-    log.info("fetching the Debian package dataset-fashion-mnist into %s", deb)
-    subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=deb, check=True)
-    pkg = sorted(deb.glob("dataset-fashion-mnist_*.deb"))[-1]
-    subprocess.run(["dpkg", "-x", str(pkg), str(deb)], check=True)
-    return FASHION_DIRS[1]
-
-
 def prepare_fashion() -> Path:
     root = CACHE / "fashion_png"
     done = root / ".complete"
@@ -81,13 +67,7 @@ def prepare_fashion() -> Path:
     from PIL import Image
 
     shutil.rmtree(root, ignore_errors=True)
-    src = _fashion_gz()
-    with gzip.open(src / "train-images-idx3-ubyte.gz") as f:
-        _, n, h, w = struct.unpack(">IIII", f.read(16))
-        images = np.frombuffer(f.read(n * h * w), np.uint8).reshape(n, h, w)
-    with gzip.open(src / "train-labels-idx1-ubyte.gz") as f:
-        f.read(8)
-        labels = np.frombuffer(f.read(n), np.uint8)
+    images, labels = sample_data.load_split(sample_data.locate_fashion_mnist(CACHE), "train")
     for c in FASHION_CLASSES:
         (root / "data" / c).mkdir(parents=True, exist_ok=True)
     for i in range(N_FASHION):

@@ -18,7 +18,6 @@ The last line is one JSON object; ``ratio`` = loader / baseline images/s.
 """
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from pipeline import sample_data
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache"
 DATA = CACHE / "loader" / "out"
@@ -37,28 +38,6 @@ WARMUP = 20
 STEPS = 500  # 32,000 images measured per run
 TRAIN_ROW_GROUPS = 32
 ROUNDS = 2
-FASHION_DIRS = (Path("/usr/share/datasets/fashion-mnist"), CACHE / "deb" / "usr/share/datasets/fashion-mnist")
-
-
-def _fashion_dir() -> Path:
-    for d in FASHION_DIRS:
-        if (d / "train-images-idx3-ubyte.gz").is_file():
-            return d
-    deb = CACHE / "deb"
-    deb.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=deb, check=True)
-    pkg = sorted(deb.glob("dataset-fashion-mnist_*.deb"))[-1]
-    subprocess.run(["dpkg", "-x", str(pkg), str(deb)], check=True)
-    return FASHION_DIRS[1]
-
-
-def _idx(path: Path) -> Any:
-    import numpy as np
-
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def prepare() -> Path:
@@ -72,8 +51,7 @@ def prepare() -> Path:
 
     from pipeline.schema import IMAGE_FIELDS, SPLIT_COLUMN
 
-    src = _fashion_dir()
-    images, labels = _idx(src / "train-images-idx3-ubyte.gz"), _idx(src / "train-labels-idx1-ubyte.gz")
+    images, labels = sample_data.load_split(sample_data.locate_fashion_mnist(CACHE), "train")
     types = {"string": pa.string(), "int": pa.int32(), "binary": pa.binary()}
     schema = pa.schema([pa.field(f.name, types[f.spark_type], f.nullable) for f in IMAGE_FIELDS
                         if f.name != SPLIT_COLUMN])

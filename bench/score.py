@@ -43,14 +43,12 @@ used) (target >= 0.8), ``vs_naive`` = spark / naive (target >= 20), the load ave
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import logging
 import multiprocessing as mp
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -59,9 +57,11 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from pipeline import sample_data
+from pipeline.errors import PixelmillError
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache" / "score"
-FASHION_DIRS = (Path("/usr/share/datasets/fashion-mnist"), CACHE / "deb" / "usr/share/datasets/fashion-mnist")
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 N_IMAGES = int(os.environ.get("BENCH_SCORE_IMAGES", "30000"))
 N_NAIVE = int(os.environ.get("BENCH_SCORE_NAIVE", "600"))
@@ -74,33 +74,16 @@ log = logging.getLogger("bench.score")
 
 # --- data and model ---------------------------------------------------------------------------
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic, n = struct.unpack(">II", raw[:8])
-    dims = [n] + [struct.unpack(">I", raw[8 + 4 * i:12 + 4 * i])[0] for i in range((magic & 0xFF) - 1)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
-
-
 def load_images(n: int) -> Tuple[np.ndarray, np.ndarray, str]:
     """``n`` 28x28 uint8 images and labels, and where they came from."""
-    for attempt in ("installed", "apt"):
-        d = next((p for p in FASHION_DIRS if (p / "t10k-images-idx3-ubyte.gz").is_file()), None)
-        if d is None and attempt == "apt":
-            try:
-                deb = CACHE / "deb"
-                deb.mkdir(parents=True, exist_ok=True)
-                subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=deb, check=True,
-                               capture_output=True, timeout=300)
-                pkg = sorted(deb.glob("dataset-fashion-mnist_*.deb"))[-1]
-                subprocess.run(["dpkg", "-x", str(pkg), str(deb)], check=True, timeout=300)
-                d = FASHION_DIRS[1]
-            except Exception as e:  # noqa: BLE001 - fall back to synthetic images
-                log.warning("could not fetch dataset-fashion-mnist (%s): using synthetic images", e)
-        if d is not None:
-            x = np.concatenate([_idx(d / "t10k-images-idx3-ubyte.gz"), _idx(d / "train-images-idx3-ubyte.gz")])
-            y = np.concatenate([_idx(d / "t10k-labels-idx1-ubyte.gz"), _idx(d / "train-labels-idx1-ubyte.gz")])
-            return x[:n], y[:n].astype(np.int64), f"fashion-mnist ({d})"
+    try:
+        d = sample_data.locate_fashion_mnist(CACHE)
+    except PixelmillError as e:
+        log.warning("could not obtain dataset-fashion-mnist (%s): using synthetic images", e)
+    else:
+        (xt, yt), (xr, yr) = sample_data.load_split(d, "test"), sample_data.load_split(d, "train")
+        x, y = np.concatenate([xt, xr]), np.concatenate([yt, yr])
+        return x[:n], y[:n].astype(np.int64), f"fashion-mnist ({d})"
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n), "synthetic"
 
