@@ -82,6 +82,21 @@ def _interesting(line: str) -> bool:
     return any(k in line for k in (" INFO pipeline", "epoch", "Epoch", "error", "Error", "rank 0", "ingest", "scor", "%"))
 
 
+def quick_look_batch_size(train_rows: int, num_proc: int, configured: int, min_steps: int = 4) -> int | None:
+    """A smaller per-process batch when a --limit subset is too small for the configured batch, else None.
+
+    The full demo uses conf/fashion_mnist.yaml's batch (256 per process); a 300-image quick look would not fill
+    one global batch, which the train job rightly refuses. The largest power of two below the configured batch
+    giving at least `min_steps` steps per epoch is used instead.
+    """
+    if train_rows >= configured * num_proc * min_steps:
+        return None
+    batch = configured
+    while batch > 1 and batch * num_proc * min_steps > train_rows:
+        batch //= 2
+    return batch
+
+
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     p.add_argument("--work", default=os.environ.get("PIXELMILL_WORK", str(REPO / "work" / "demo")))
@@ -124,6 +139,14 @@ def main(argv: List[str] | None = None) -> int:
     train_args = ["--data", str(ingest_out), "--model-dir", str(model_dir), "--num-proc", "2"]
     if args.epochs:
         train_args += ["--epochs", str(args.epochs)]
+    from pipeline.config import load_config
+
+    configured = load_config(confs).train.batch_size
+    batch = quick_look_batch_size(manifest["splits"].get("train", 0), num_proc=2, configured=configured)
+    if batch is not None:
+        print(f"=== train: {manifest['splits'].get('train', 0)} train rows is a quick look: "
+              f"train.batch_size={batch} per process so every epoch has several steps", flush=True)
+        train_args += ["--set", f"train.batch_size={batch}"]
     summary = run_job("train", train_args + (mode or ["--mode", "resume"]), confs=confs, log_dir=logs)
     model_meta = json.loads((model_dir / "model.json").read_text())
     train_rows = manifest["splits"].get("train", 0)

@@ -47,3 +47,22 @@ def test_demo_runs_every_stage_and_writes_a_report(repo_root, tmp_path):
     assert "ingest: already complete, skipped" in proc2.stdout
     again = json.loads(proc2.stdout.strip().splitlines()[-1])
     assert again["test_accuracy"] == result["test_accuracy"]
+
+
+def _demo_module(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pixelmill_demo", repo_root / "scripts" / "demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_look_shrinks_the_batch_only_when_the_subset_cannot_fill_it(repo_root):
+    demo = _demo_module(repo_root)
+    # The full Fashion-MNIST train split keeps the tuned batch.
+    assert demo.quick_look_batch_size(54_019, num_proc=2, configured=256) is None
+    # The CI quick look (258 train rows after val is carved out) gets several steps per epoch.
+    batch = demo.quick_look_batch_size(258, num_proc=2, configured=256)
+    assert batch is not None and batch * 2 * 4 <= 258 and batch * 2 * 2 * 4 > 258
+    assert demo.quick_look_batch_size(3, num_proc=2, configured=256) == 1
