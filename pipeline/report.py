@@ -73,7 +73,7 @@ def summary_table(manifest: Mapping[str, Any], model_meta: Mapping[str, Any], me
             note = f"epochs {s.get('epochs')}, val_accuracy {_fmt(s.get('val_accuracy'))}"
         elif name == "score":
             note = f"test accuracy {_fmt(s.get('accuracy'))}"
-        lines.append(f"{name:<8} {_fmt(s.get('seconds')):>8} {_fmt(s.get('images')):>8} "
+        lines.append(f"{name:<8} {_fmt(s.get('seconds'), 1):>8} {_fmt(s.get('images')):>8} "
                      f"{_fmt(s.get('images_per_second'), 0):>9}  {note}")
     lines.append("-" * 64)
     lines.append(f"splits {manifest.get('splits')}  rejects {manifest.get('rejected')}")
@@ -126,7 +126,7 @@ def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir:
         f"trained {_fmt(model_meta.get('epochs_completed'))} epochs; whole run {wall_seconds:.0f} s.</p>",
         "<h2>Stages</h2>",
         _table(["stage", "seconds", "images", "images/s"],
-               [[k, v.get("seconds"), v.get("images"), v.get("images_per_second")] for k, v in stages.items()]),
+               [[k, _fmt(v.get("seconds"), 1), v.get("images"), _fmt(v.get("images_per_second"), 0)] for k, v in stages.items()]),
         "<h2>Data</h2>",
         _table(["split", "images"], [[k, v] for k, v in (manifest.get("splits") or {}).items()]),
         _table(["reject reason", "files"], [[k, v] for k, v in rejected.items()] or [["(none)", 0]]),
