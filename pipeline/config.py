@@ -184,6 +184,9 @@ class TrainConfig(_Section):
     step_timeout: int = Field(300, ge=5)
     #: Network interfaces Horovod may use (``["lo"]`` keeps local runs on loopback); null = let Horovod pick.
     nics: Optional[Tuple[str, ...]] = ("lo",)
+    #: Horovod's background cycle (HOROVOD_CYCLE_TIME). Every cycle the ranks negotiate over Gloo, which costs
+    #: CPU the training steps need when all cores train: 10 ms suits CPU steps of 50+ ms; GPUs want 1 (gpu.yaml).
+    cycle_time_ms: float = Field(10.0, ge=0.0, le=1000.0)
     verbose: int = Field(1, ge=0, le=2)
     #: Newest epoch checkpoints kept in ``<model_dir>/checkpoints`` (the best epoch's is kept too).
     keep_checkpoints: int = Field(2, ge=1, le=1000)

@@ -202,6 +202,8 @@ def horovod_env(cfg: "Config") -> Dict[str, str]:
         # A rank that stops submitting tensors (stuck, not dead) shuts Horovod down.
         "HOROVOD_STALL_CHECK_TIME_SECONDS": str(max(5, min(60, tc.step_timeout // 2))),
         "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(tc.step_timeout),
+        # Each cycle the ranks negotiate which tensors are ready (docs/train.md "Performance").
+        "HOROVOD_CYCLE_TIME": f"{tc.cycle_time_ms:g}",
         "PYTHONUNBUFFERED": "1",
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
     }

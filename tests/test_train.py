@@ -89,6 +89,17 @@ def test_fault_spec_parsing():
 # --- validation before launch (real Spark, no Horovod) ----------------------------------
 
 
+def test_horovod_cycle_time_comes_from_config_with_a_cpu_and_a_gpu_default():
+    from pipeline.config import load_config
+    from pipeline.train import horovod_env
+
+    assert horovod_env(load_config(["local.yaml"]))["HOROVOD_CYCLE_TIME"] == "10"
+    assert horovod_env(load_config(["cluster.yaml", "gpu.yaml"]))["HOROVOD_CYCLE_TIME"] == "1"
+    assert horovod_env(load_config(overrides=["train.cycle_time_ms=2.5"]))["HOROVOD_CYCLE_TIME"] == "2.5"
+    with pytest.raises(ConfigError, match="train.cycle_time_ms"):
+        load_config(overrides=["train.cycle_time_ms=-1"])
+
+
 def test_num_proc_beyond_task_slots_fails_before_launch(spark, sample_config, ingested_sample, tmp_path):
     from pipeline import train
 
