@@ -1,0 +1,27 @@
+"""One row of bench/results.md from a benchmark's last JSON line (called by bench/run_all).
+
+    python bench/results_row.py NAME "TARGET" 'JSON' WHEN
+
+The issue's main target is read from TARGET (">= 0.8 ..."); second targets are listed in SECOND.
+"""
+import json, re, sys
+name, target, line, when = sys.argv[1:5]
+d = json.loads(line) if line else {}
+ratio = d.get("ratio")
+thr = float(re.search(r"([0-9.]+)", target).group(1))
+met = isinstance(ratio, (int, float)) and ratio >= thr
+# The issues' second targets, checked from the same JSON line: (key, op, bound).
+SECOND = {"ingest": [("ratio_fashion", ">=", 0.8), ("ratio_photos", ">=", 0.8)],
+          "loader": [("loader_vs_training", ">=", 10.0)],
+          "train": [("launch_overhead_s", "<=", 15.0)],
+          "score": [("vs_naive", ">=", 20.0)]}
+checks = []
+for key, op, bound in SECOND.get(name, []):
+    v = d.get(key)
+    ok = isinstance(v, (int, float)) and (v >= bound if op == ">=" else v <= bound)
+    met = met and ok
+    checks.append(f"{key}={v} ({op} {bound}: {'yes' if ok else 'no'})")
+other = ", ".join(checks + [f"{k}={v}" for k, v in d.items()
+                            if k != "ratio" and k not in {c[0] for c in SECOND.get(name, [])}
+                            and not isinstance(v, dict)])
+print(f"| {name} | {ratio if ratio is not None else '-'} | {target} | {'yes' if met else 'no'} | {when} | {other} |")
