@@ -34,6 +34,8 @@ LIMIT = 20_000        # Fashion-MNIST images per split exported: ~18,000 train r
 GLOBAL_BATCH = 512    # conf/fashion_mnist.yaml: 256 per process x 2 processes
 EPOCHS = 4            # the first (tracing, reader start-up) is not counted
 ROUNDS = int(os.environ.get("BENCH_REPEATS", "2"))  # np=1 then np=2, repeated; medians reported
+#: Extra ``--set`` overrides for A/B runs, e.g. BENCH_SET="loader.cache_max_mb=0".
+EXTRA_SET = tuple(os.environ.get("BENCH_SET", "").split())
 
 
 def _config(num_proc: int, extra: tuple = ()) -> Any:
@@ -44,7 +46,7 @@ def _config(num_proc: int, extra: tuple = ()) -> Any:
         "ingest.height=28", "ingest.width=28", "ingest.color_mode=L", "ingest.max_train_procs=2",
         f"train.num_proc={num_proc}", f"train.batch_size={GLOBAL_BATCH // num_proc}", f"train.epochs={EPOCHS}", "train.lr_schedule=constant", "train.warmup_epochs=0",
         "train.intra_op_threads=1", "train.inter_op_threads=1", "train.early_stopping.patience=100",
-        "loader.workers_count=1", *extra,
+        "loader.workers_count=1", *EXTRA_SET, *extra,
     ])
 
 

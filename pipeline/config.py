@@ -142,6 +142,10 @@ class LoaderConfig(_Section):
     normalize: Literal["manifest", "unit", "none"] = "manifest"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     prefetch: int = Field(-1, ge=-1, description="-1 = AUTOTUNE")
+    #: Training: when a rank's shard decoded to uint8 fits in this many MiB, the first pass streams
+    #: from Parquet as usual and keeps the decoded pixels; later passes reshuffle them in memory with
+    #: no reading or decoding. 0 = always stream (docs/dataset.md, "Decoded cache").
+    cache_max_mb: int = Field(512, ge=0, le=1_048_576)
 
 
 class EarlyStoppingConfig(_Section):

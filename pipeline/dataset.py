@@ -251,12 +251,15 @@ class _ReaderSource:
     """Python generator of row-group batches from petastorm readers; closes every reader it opened."""
 
     def __init__(self, layout: SplitLayout, loader: "LoaderConfig", *, columns: Sequence[str],
-                 shard: int, shard_count: int, train: bool, seed: int = 0, rank: int = 0) -> None:
+                 shard: int, shard_count: int, train: bool, seed: int = 0, rank: int = 0,
+                 passes: Optional[int] = None) -> None:
         self.layout = layout
         self.loader = loader
         self.columns = tuple(columns)
         self.shard, self.shard_count = shard, shard_count
         self.train, self.seed, self.rank = train, seed, rank
+        #: Passes over the shard: None = endless (train), 1 = once (eval, or train feeding the decoded cache).
+        self.passes = passes if passes is not None else (None if train else 1)
         self._open: List[Any] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -282,7 +285,7 @@ class _ReaderSource:
         return make_batch_reader(self.layout.uri, **kwargs)
 
     def __call__(self) -> Iterator[Tuple[np.ndarray, ...]]:
-        passes = itertools.count() if self.train else iter((0,))
+        passes = itertools.count() if self.passes is None else iter(range(self.passes))
         for pass_index in passes:
             with self._lock:
                 if self._closed:
@@ -295,6 +298,8 @@ class _ReaderSource:
                 rows = yield from self._read_pass(reader, expected)
             finally:
                 self._stop(reader)
+            if self._closed:
+                return
             if rows != expected:
                 raise DataError(
                     f"rank {self.rank} read {rows} rows of split '{self.layout.split}' in one pass, expected "
@@ -318,7 +323,7 @@ class _ReaderSource:
             try:
                 batch = next(reader)
             except StopIteration:
-                if rows >= expected:
+                if rows >= expected or self._closed:  # closed: the consumer is gone, do not wait out the grace
                     return rows
                 now = time.monotonic()
                 deadline = deadline or now + _EARLY_END_GRACE_S
@@ -411,18 +416,37 @@ def _augment(x: Any, seed: Any, loader: "LoaderConfig", spec: ImageSpec) -> Any:
 
 
 def _build(source: _ReaderSource, *, spec: ImageSpec, norm: Normalization, loader: "LoaderConfig",
-           batch_size: int, train: bool, seed: int, rank: int, with_ids: bool) -> "tf.data.Dataset":
+           batch_size: int, train: bool, seed: int, rank: int, with_ids: bool,
+           cached: bool = False) -> "tf.data.Dataset":
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_generator(source, output_signature=_signature(source.columns))
     ds = ds.unbatch()
-    if train and loader.shuffle_buffer > 1:
-        # Mixes rows across row groups; holds encoded bytes, not decoded pixels.
-        ds = ds.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
-                        reshuffle_each_iteration=False)
+    if cached:
+        # One pass from Parquet, decoded once (kept as uint8); every later pass is a fresh
+        # in-memory shuffle of the whole shard. The cache fills while the first pass trains.
+        def decode_u8(*row: Any) -> Tuple[Any, ...]:
+            return (tf.cast(tf_decode(row[0], spec), tf.uint8),) + row[1:]
 
-    def decode(image: Any) -> Any:
-        return tf_normalize(tf_decode(image, spec), norm)
+        pixels = ds.map(decode_u8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
+        first = pixels
+        if loader.shuffle_buffer > 1:
+            first = pixels.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
+                                   reshuffle_each_iteration=False)
+        later = pixels.shuffle(max(1, source.layout.shard_rows(source.shard, source.shard_count)),
+                               seed=_derived_seed(seed, rank, _SHUFFLE, 1), reshuffle_each_iteration=True)
+        ds = first.concatenate(later.repeat())
+
+        def decode(image: Any) -> Any:
+            return tf_normalize(tf.cast(image, tf.float32), norm)
+    else:
+        if train and loader.shuffle_buffer > 1:
+            # Mixes rows across row groups; holds encoded bytes, not decoded pixels.
+            ds = ds.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
+                            reshuffle_each_iteration=False)
+
+        def decode(image: Any) -> Any:
+            return tf_normalize(tf_decode(image, spec), norm)
 
     if train:
         base = tf.constant(_derived_seed(seed, rank, _AUGMENT), tf.int64)
@@ -443,6 +467,12 @@ def _build(source: _ReaderSource, *, spec: ImageSpec, norm: Normalization, loade
         ds = ds.map(eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch_size, drop_remainder=False)
     return ds.prefetch(tf.data.AUTOTUNE if loader.prefetch < 0 else loader.prefetch)
+
+
+def decoded_cache_mb(rows: int, spec: ImageSpec, with_ids: bool = False) -> float:
+    """MiB one rank's decoded cache holds: uint8 pixels, the label and (optionally) the image id."""
+    per_row = spec.height * spec.width * spec.channels + 8 + (96 if with_ids else 0)
+    return rows * per_row / 2**20
 
 
 def _prepare(data_uri: str, cfg: Any, split: str, rank: int, size: int, batch_size: int) -> Tuple[
@@ -497,19 +527,23 @@ def train_dataset(data_uri: str, cfg: "Config", *, rank: int, size: int, batch_s
     data_uri, manifest, layout, spec, norm, loader = _prepare(data_uri, cfg, split, rank, size, batch_size)
     _check_shards(layout, size, data_uri)
     columns = _TRAIN_COLUMNS + ((_ID_COLUMN,) if with_ids else ())
-    source = _ReaderSource(layout, loader, columns=columns, shard=rank, shard_count=size, train=True,
-                           seed=seed, rank=rank)
     steps = max(1, layout.num_rows // (size * batch_size))
     shard_rows = layout.shard_rows(rank, size)
+    cache_mb = decoded_cache_mb(shard_rows, spec, with_ids)
+    cached = 0 < cache_mb <= loader.cache_max_mb
+    source = _ReaderSource(layout, loader, columns=columns, shard=rank, shard_count=size, train=True,
+                           seed=seed, rank=rank, passes=1 if cached else None)
     try:
         ds = _build(source, spec=spec, norm=norm, loader=loader, batch_size=batch_size, train=True,
-                    seed=seed, rank=rank, with_ids=with_ids)
+                    seed=seed, rank=rank, with_ids=with_ids, cached=cached)
         log.info(
             "train data %s split=%s: %d rows in %d row groups; rank %d/%d reads %d row groups (%d rows); "
-            "batch %d, %d steps per epoch; reader %s x%d, queue %d row groups",
+            "batch %d, %d steps per epoch; reader %s x%d, queue %d row groups; %s",
             data_uri, split, layout.num_rows, layout.num_row_groups, rank, size,
             layout.shard_row_groups(rank, size), shard_rows, batch_size, steps,
             loader.reader_pool_type, loader.workers_count, loader.results_queue_size,
+            f"decoded shard cached in memory ({cache_mb:.1f} MiB)" if cached else
+            f"streaming every pass (decoded shard {cache_mb:.1f} MiB > loader.cache_max_mb={loader.cache_max_mb})",
         )
         yield LoadedDataset(ds, shard_rows, steps, split, rank, size, batch_size, layout.num_rows,
                             layout.num_row_groups, spec, norm, dict(manifest.get("classes") or {}), source)

@@ -122,7 +122,9 @@ def data_uri(tmp_path_factory) -> str:
 
 
 def config(*overrides: str):
-    return load_config(overrides=["loader.workers_count=2", "loader.shuffle_buffer=16", *overrides])
+    # Streaming every pass unless a test turns the decoded cache on.
+    return load_config(overrides=["loader.workers_count=2", "loader.shuffle_buffer=16", "loader.cache_max_mb=0",
+                                  *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +281,63 @@ def test_train_pad_and_crop_shifts_each_image_within_the_pad(data_uri):
         assert match, "output is not a crop of the zero-padded image"
         shifts.add(match[0])
     assert len(shifts) > 3
+
+
+# --- training mode with the decoded cache ----------------------------------------------------
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_train_cache_reads_parquet_once_and_reshuffles_every_pass_reproducibly(data_uri, size):
+    from pipeline.dataset import split_layout, train_dataset
+
+    cfg = config("loader.cache_max_mb=1", "loader.shuffle_buffer=0", "loader.workers_count=1")
+    layout = split_layout(data_uri, "train")
+
+    def sequence(rank: int, seed: int):
+        with train_dataset(data_uri, cfg, rank=rank, size=size, batch_size=1, seed=seed, with_ids=True) as data:
+            n = data.num_rows
+            ids = ids_of(take(data.dataset, 4 * n))
+            return [ids[i * n:(i + 1) * n] for i in range(4)], data._source.passes_started
+
+    union = set()
+    for rank in range(size):
+        passes, readers = sequence(rank, 11)
+        assert readers == 1  # four passes, one Parquet read
+        shard = sorted(passes[0])
+        assert len(shard) == layout.shard_rows(rank, size) == len(set(shard))
+        assert all(sorted(p) == shard for p in passes)  # every pass is the whole shard...
+        assert len({tuple(p) for p in passes}) == 4     # ...in a new order
+        again, _ = sequence(rank, 11)
+        other, _ = sequence(rank, 12)
+        assert again == passes and other != passes      # reproducible from the seed
+        union |= set(shard)
+    assert union == set(split_ids(SPLITS, "train"))
+
+
+def test_train_cache_gives_the_streamed_pixels_and_labels(data_uri):
+    from pipeline.dataset import train_dataset
+
+    cfg = config("loader.cache_max_mb=1", "loader.augment.flip_left_right=false")
+    with train_dataset(data_uri, cfg, rank=0, size=1, batch_size=41, seed=2, with_ids=True) as data:
+        batches = take(data.dataset, 3)  # the first pass (filling the cache) and two from memory
+    for x, y, ids in batches:
+        assert x.dtype.name == "float32" and y.dtype.name == "int32"
+        for img, lab, i in zip(x.numpy(), y.numpy(), ids.numpy()):
+            k = int(i.decode()[3:])
+            assert lab == k % 3
+            np.testing.assert_allclose(img, expected_norm(k), atol=1e-5)
+
+
+def test_train_streams_every_pass_when_the_cache_is_off_or_too_small(data_uri):
+    from pipeline.dataset import decoded_cache_mb, train_dataset
+    from pipeline.preprocess import ImageSpec
+
+    with train_dataset(data_uri, config("loader.cache_max_mb=0"), rank=0, size=1, batch_size=41, seed=2) as data:
+        take(data.dataset, 3)
+        assert data._source.passes_started >= 3
+    # Fashion-MNIST's train split on one of two ranks: 27,000 x 28 x 28 x 1 bytes, about 20 MiB.
+    assert decoded_cache_mb(27_000, ImageSpec(28, 28, 1, "png")) == pytest.approx(20.4, abs=0.1)
+    # 50,000 224x224 RGB photos per rank do not fit the default 512 MiB: they stream.
+    assert decoded_cache_mb(50_000, ImageSpec(224, 224, 3, "jpeg")) > 512
 
 
 def test_unit_and_none_normalisation_modes(data_uri):
