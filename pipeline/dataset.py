@@ -415,6 +415,59 @@ def _augment(x: Any, seed: Any, loader: "LoaderConfig", spec: ImageSpec) -> Any:
     return x
 
 
+def _augment_batch(x: Any, seed: Any, loader: "LoaderConfig", spec: ImageSpec) -> Any:
+    """:func:`_augment` for a whole batch ``(b, h, w, c)``: an independent draw per image."""
+    import tensorflow as tf
+
+    aug = loader.augment
+    n = tf.shape(x)[0]
+    if aug.flip_left_right:
+        flip = tf.random.stateless_uniform([n], seed=seed) < 0.5
+        x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
+    if aug.crop_pad > 0:
+        p = aug.crop_pad
+        x = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+        seeds = tf.random.stateless_uniform([n, 2], seed=seed[::-1] + 1, minval=None, maxval=None, dtype=tf.int64)
+        x = tf.map_fn(lambda a: tf.image.stateless_random_crop(a[0], size=spec.shape, seed=a[1]), (x, seeds),
+                      fn_output_signature=tf.TensorSpec(spec.shape, x.dtype))
+    return x
+
+
+def _cached_stream(ds: "tf.data.Dataset", source: _ReaderSource, *, spec: ImageSpec, norm: Normalization,
+                   loader: "LoaderConfig", batch_size: int, seed: int, rank: int) -> "tf.data.Dataset":
+    """The training stream over the decoded cache (``ds``: one pass of encoded rows).
+
+    The first pass is read from Parquet and decoded as it trains, keeping ``uint8`` pixels;
+    every later pass is a fresh in-memory shuffle of the whole shard. Only the decode is
+    per image: normalisation and augmentation run once per batch, vectorised.
+    """
+    import tensorflow as tf
+
+    def decode_u8(*row: Any) -> Tuple[Any, ...]:
+        return (tf.cast(tf_decode(row[0], spec), tf.uint8),) + row[1:]
+
+    if loader.shuffle_buffer > 1:
+        # The first pass mixes row groups as streaming does, on encoded bytes: the first batch
+        # waits for the buffer to fill with bytes, not with decoded images.
+        ds = ds.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
+                        reshuffle_each_iteration=False)
+    first = pixels = ds.map(decode_u8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
+    later = pixels.shuffle(max(1, source.layout.shard_rows(source.shard, source.shard_count)),
+                           seed=_derived_seed(seed, rank, _SHUFFLE, 1), reshuffle_each_iteration=True)
+    base = tf.constant(_derived_seed(seed, rank, _AUGMENT), tf.int64)
+    augmenting = loader.augment.flip_left_right or loader.augment.crop_pad > 0
+
+    def batch_map(i: Any, batch: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        x = tf_normalize(tf.cast(batch[0], tf.float32), norm)
+        if augmenting:
+            x = _augment_batch(x, tf.stack([base, i]), loader, spec)
+        return (x,) + tuple(batch[1:])
+
+    out = first.concatenate(later.repeat()).batch(batch_size, drop_remainder=True).enumerate()
+    out = out.map(batch_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return out.prefetch(tf.data.AUTOTUNE if loader.prefetch < 0 else loader.prefetch)
+
+
 def _build(source: _ReaderSource, *, spec: ImageSpec, norm: Normalization, loader: "LoaderConfig",
            batch_size: int, train: bool, seed: int, rank: int, with_ids: bool,
            cached: bool = False) -> "tf.data.Dataset":
@@ -423,30 +476,15 @@ def _build(source: _ReaderSource, *, spec: ImageSpec, norm: Normalization, loade
     ds = tf.data.Dataset.from_generator(source, output_signature=_signature(source.columns))
     ds = ds.unbatch()
     if cached:
-        # One pass from Parquet, decoded once (kept as uint8); every later pass is a fresh
-        # in-memory shuffle of the whole shard. The cache fills while the first pass trains.
-        def decode_u8(*row: Any) -> Tuple[Any, ...]:
-            return (tf.cast(tf_decode(row[0], spec), tf.uint8),) + row[1:]
+        return _cached_stream(ds, source, spec=spec, norm=norm, loader=loader, batch_size=batch_size,
+                              seed=seed, rank=rank)
+    if train and loader.shuffle_buffer > 1:
+        # Mixes rows across row groups; holds encoded bytes, not decoded pixels.
+        ds = ds.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
+                        reshuffle_each_iteration=False)
 
-        pixels = ds.map(decode_u8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
-        first = pixels
-        if loader.shuffle_buffer > 1:
-            first = pixels.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
-                                   reshuffle_each_iteration=False)
-        later = pixels.shuffle(max(1, source.layout.shard_rows(source.shard, source.shard_count)),
-                               seed=_derived_seed(seed, rank, _SHUFFLE, 1), reshuffle_each_iteration=True)
-        ds = first.concatenate(later.repeat())
-
-        def decode(image: Any) -> Any:
-            return tf_normalize(tf.cast(image, tf.float32), norm)
-    else:
-        if train and loader.shuffle_buffer > 1:
-            # Mixes rows across row groups; holds encoded bytes, not decoded pixels.
-            ds = ds.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
-                            reshuffle_each_iteration=False)
-
-        def decode(image: Any) -> Any:
-            return tf_normalize(tf_decode(image, spec), norm)
+    def decode(image: Any) -> Any:
+        return tf_normalize(tf_decode(image, spec), norm)
 
     if train:
         base = tf.constant(_derived_seed(seed, rank, _AUGMENT), tf.int64)

@@ -248,12 +248,13 @@ def test_train_shuffle_buffer_mixes_rows_across_passes_reproducibly(data_uri):
     assert len(set(buffered)) < 41  # a 64-row buffer already mixes rows of the second pass in
 
 
-def test_train_images_are_normalised_with_manifest_stats_and_flipped_or_not(data_uri):
+@pytest.mark.parametrize("cache_mb, batch_index", [(0, 0), (1, 0), (1, 2)])  # streaming; cached 1st / 3rd pass
+def test_train_images_are_normalised_with_manifest_stats_and_flipped_or_not(data_uri, cache_mb, batch_index):
     from pipeline.dataset import train_dataset
 
-    cfg = config("loader.augment.flip_left_right=true", "loader.augment.crop_pad=0")
+    cfg = config("loader.augment.flip_left_right=true", "loader.augment.crop_pad=0", f"loader.cache_max_mb={cache_mb}")
     with train_dataset(data_uri, cfg, rank=0, size=1, batch_size=41, seed=1, with_ids=True) as data:
-        x, y, ids = take(data.dataset, 1)[0]
+        x, y, ids = take(data.dataset, batch_index + 1)[batch_index]
     flipped = 0
     for img, lab, i in zip(x.numpy(), y.numpy(), ids.numpy()):
         k = int(i.decode()[3:])
@@ -266,13 +267,14 @@ def test_train_images_are_normalised_with_manifest_stats_and_flipped_or_not(data
     assert 5 < flipped < 36  # about half of 41
 
 
-def test_train_pad_and_crop_shifts_each_image_within_the_pad(data_uri):
+@pytest.mark.parametrize("cache_mb, batch_index", [(0, 0), (1, 0), (1, 2)])  # streaming; cached 1st / 3rd pass
+def test_train_pad_and_crop_shifts_each_image_within_the_pad(data_uri, cache_mb, batch_index):
     from pipeline.dataset import train_dataset
 
     pad = 2
-    cfg = config("loader.augment.flip_left_right=false", f"loader.augment.crop_pad={pad}")
+    cfg = config("loader.augment.flip_left_right=false", f"loader.augment.crop_pad={pad}", f"loader.cache_max_mb={cache_mb}")
     with train_dataset(data_uri, cfg, rank=0, size=1, batch_size=41, seed=1, with_ids=True) as data:
-        x, _, ids = take(data.dataset, 1)[0]
+        x, _, ids = take(data.dataset, batch_index + 1)[batch_index]
     shifts = set()
     for img, i in zip(x.numpy(), ids.numpy()):
         padded = np.pad(expected_norm(int(i.decode()[3:])), [(pad, pad), (pad, pad), (0, 0)])
