@@ -435,7 +435,8 @@ def _augment_batch(x: Any, seed: Any, loader: "LoaderConfig", spec: ImageSpec) -
 
 def _cached_stream(ds: "tf.data.Dataset", source: _ReaderSource, *, spec: ImageSpec, norm: Normalization,
                    loader: "LoaderConfig", batch_size: int, seed: int, rank: int) -> "tf.data.Dataset":
-    """The training stream over the decoded cache (``ds``: one pass of encoded rows).
+    """The training stream over the decoded cache (``ds``: one pass of encoded rows, already
+    mixed by the shuffle buffer, so the first batch waits for bytes, not decoded images).
 
     The first pass is read from Parquet and decoded as it trains, keeping ``uint8`` pixels;
     every later pass is a fresh in-memory shuffle of the whole shard. Only the decode is
@@ -446,12 +447,7 @@ def _cached_stream(ds: "tf.data.Dataset", source: _ReaderSource, *, spec: ImageS
     def decode_u8(*row: Any) -> Tuple[Any, ...]:
         return (tf.cast(tf_decode(row[0], spec), tf.uint8),) + row[1:]
 
-    if loader.shuffle_buffer > 1:
-        # The first pass mixes row groups as streaming does, on encoded bytes: the first batch
-        # waits for the buffer to fill with bytes, not with decoded images.
-        ds = ds.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
-                        reshuffle_each_iteration=False)
-    first = pixels = ds.map(decode_u8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
+    pixels = ds.map(decode_u8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
     later = pixels.shuffle(max(1, source.layout.shard_rows(source.shard, source.shard_count)),
                            seed=_derived_seed(seed, rank, _SHUFFLE, 1), reshuffle_each_iteration=True)
     base = tf.constant(_derived_seed(seed, rank, _AUGMENT), tf.int64)
@@ -463,7 +459,7 @@ def _cached_stream(ds: "tf.data.Dataset", source: _ReaderSource, *, spec: ImageS
             x = _augment_batch(x, tf.stack([base, i]), loader, spec)
         return (x,) + tuple(batch[1:])
 
-    out = first.concatenate(later.repeat()).batch(batch_size, drop_remainder=True).enumerate()
+    out = pixels.concatenate(later.repeat()).batch(batch_size, drop_remainder=True).enumerate()
     out = out.map(batch_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return out.prefetch(tf.data.AUTOTUNE if loader.prefetch < 0 else loader.prefetch)
 
@@ -475,13 +471,13 @@ def _build(source: _ReaderSource, *, spec: ImageSpec, norm: Normalization, loade
 
     ds = tf.data.Dataset.from_generator(source, output_signature=_signature(source.columns))
     ds = ds.unbatch()
-    if cached:
-        return _cached_stream(ds, source, spec=spec, norm=norm, loader=loader, batch_size=batch_size,
-                              seed=seed, rank=rank)
     if train and loader.shuffle_buffer > 1:
         # Mixes rows across row groups; holds encoded bytes, not decoded pixels.
         ds = ds.shuffle(loader.shuffle_buffer, seed=_derived_seed(seed, rank, _SHUFFLE),
                         reshuffle_each_iteration=False)
+    if cached:
+        return _cached_stream(ds, source, spec=spec, norm=norm, loader=loader, batch_size=batch_size,
+                              seed=seed, rank=rank)
 
     def decode(image: Any) -> Any:
         return tf_normalize(tf_decode(image, spec), norm)
