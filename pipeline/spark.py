@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Dict, Mapping, Optional
 
 from pipeline.config import SparkConfig, redact_conf
@@ -129,6 +130,25 @@ def task_slots(spark: "SparkSession") -> int:
         return max(1, sc.defaultParallelism // cpus)
     cores = int(sc.getConf().get("spark.executor.cores", "1"))
     return max(1, n_exec * (cores // cpus))
+
+
+def wait_for_task_slots(spark: "SparkSession", needed: int, timeout_s: float, poll_s: float = 1.0) -> int:
+    """:func:`task_slots`, waiting up to ``timeout_s`` on a cluster until ``needed`` are registered.
+
+    Executors register one by one after the application starts (each may first unpack a large
+    ``--archives`` environment), so a count taken at once can be short on a cluster that will
+    have the slots seconds later. Local masters have all their slots at once: no wait.
+    Returns the last count, which may still be below ``needed`` when the time is up.
+    """
+    slots = task_slots(spark)
+    if slots >= needed or is_local_master(spark.sparkContext.master):
+        return slots
+    log.info("waiting up to %.0fs for executors: %d of %d task slots registered", timeout_s, slots, needed)
+    deadline = time.monotonic() + timeout_s
+    while slots < needed and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        slots = task_slots(spark)
+    return slots
 
 
 def set_job_description(spark: "SparkSession", text: str) -> None:

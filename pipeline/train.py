@@ -120,17 +120,18 @@ def manifest_sha256(data_uri: str) -> str:
 
 def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, mode: str) -> Dict[str, Any]:
     """Everything checked before launching; returns the ingest manifest."""
-    from pipeline.spark import task_slots
+    from pipeline.spark import is_local_master, wait_for_task_slots
 
     tc = cfg.train
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
     if data_uri.rstrip("/") == model_dir.rstrip("/"):
         raise ConfigError("--model-dir must differ from --data")
-    slots = task_slots(spark)
+    slots = wait_for_task_slots(spark, tc.num_proc, timeout_s=tc.start_timeout)
     if tc.num_proc > slots:
+        waited = "" if is_local_master(spark.sparkContext.master) else f" within train.start_timeout={tc.start_timeout}s"
         raise ConfigError(f"train.num_proc={tc.num_proc} needs {tc.num_proc} concurrent Spark task slots but the "
-                          f"cluster offers {slots}: lower train.num_proc (--num-proc) or add executors/cores")
+                          f"cluster offers {slots}{waited}: lower train.num_proc (--num-proc) or add executors/cores")
     fs = HadoopFS(spark)
     if not fs.exists(join(data_uri, COMMIT_MARKER)) or not fs.exists(join(data_uri, "_manifest.json")):
         raise DataError(f"--data {data_uri} is not a committed ingest output (no {COMMIT_MARKER} or _manifest.json): "

@@ -112,6 +112,33 @@ def test_num_proc_beyond_task_slots_fails_before_launch(spark, sample_config, in
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("master, counts, want, polls", [
+    ("spark://127.0.0.1:7077", [1, 1, 2], 2, 3),  # executors registering: waits until there are enough
+    ("spark://127.0.0.1:7077", [1] * 1000, 1, None),  # never enough: gives up at the timeout
+    ("local[1]", [1, 2], 1, 1),  # local masters have every slot at once: no wait
+])
+def test_wait_for_task_slots_waits_for_executors_only_on_a_cluster(monkeypatch, master, counts, want, polls):
+    import types
+
+    from pipeline import spark as spark_mod
+
+    seen = iter(counts)
+    calls = []
+
+    def fake_slots(_spark):
+        calls.append(1)
+        return next(seen)
+
+    monkeypatch.setattr(spark_mod, "task_slots", fake_slots)
+    fake = types.SimpleNamespace(sparkContext=types.SimpleNamespace(master=master))
+    t0 = time.monotonic()
+    assert spark_mod.wait_for_task_slots(fake, 2, timeout_s=0.3, poll_s=0.01) == want
+    if polls is not None:
+        assert len(calls) == polls
+    else:
+        assert 0.3 <= time.monotonic() - t0 < 5
+
+
 def test_data_that_is_not_an_ingest_output_is_refused(spark, sample_config, tmp_path):
     from pipeline import train
 
