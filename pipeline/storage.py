@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator, List, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Literal, NamedTuple, Optional
 from urllib.parse import urlparse
 
 from pipeline.errors import ConfigError, OutputExistsError
@@ -69,6 +69,14 @@ def parent_and_name(uri: str) -> tuple[str, str]:
     return u[:i], u[i + 1:]
 
 
+class Entry(NamedTuple):
+    """One child of a folder, as :meth:`HadoopFS.list_status` returns it."""
+
+    name: str
+    uri: str
+    is_dir: bool
+
+
 class HadoopFS:
     """A few driver-side filesystem operations through Hadoop's FileSystem API."""
 
@@ -110,6 +118,31 @@ class HadoopFS:
         if not fs.exists(p):
             return []
         return sorted(str(s.getPath().toString()) for s in fs.listStatus(p))
+
+    def list_status(self, uri: str) -> List["Entry"]:
+        """The folder's direct children (name, URI, folder or not); an absent folder gives []."""
+        fs = self._fs(uri)
+        p = self._path(uri)
+        if not fs.exists(p):
+            return []
+        out = []
+        for s in fs.listStatus(p):
+            path = s.getPath()
+            out.append(Entry(str(path.getName()), str(path.toString()), bool(s.isDirectory())))
+        return sorted(out)
+
+    def any_file(self, uri: str, *, skip: Callable[[str], bool] = lambda name: False) -> bool:
+        """Whether the folder holds a file at any depth, not counting names (or folders) ``skip`` rejects.
+
+        Depth-first, stopping at the first such file: one listing per folder visited.
+        """
+        todo = [uri]
+        while todo:
+            entries = [e for e in self.list_status(todo.pop()) if not skip(e.name)]
+            if any(not e.is_dir for e in entries):
+                return True
+            todo.extend(e.uri for e in reversed(entries))
+        return False
 
     def write_text(self, uri: str, text: str) -> None:
         fs = self._fs(uri)

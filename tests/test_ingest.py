@@ -244,6 +244,48 @@ def test_val_is_carved_from_train_when_the_layout_has_no_val_folder(spark, tmp_p
     assert manifest(out2)["val_carved_from_train"] is False
 
 
+def test_val_folder_detection_matches_what_spark_would_read(spark, tmp_path):
+    # Decided from the filesystem (no Spark job): a first-level val/validation folder, any case,
+    # counts only when it holds a file Spark's scan would yield (hidden names do not).
+    from pipeline.storage import HadoopFS
+
+    fs = HadoopFS(spark)
+
+    def layout(name: str, files: List[str]) -> str:
+        root = tmp_path / name
+        (root / "train" / "a").mkdir(parents=True)
+        (root / "train" / "a" / "x.png").write_bytes(b"x")
+        for f in files:
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).write_bytes(b"x")
+        return uri(root)
+
+    assert ingest.layout_has_val(fs, layout("upper", ["VAL/a/x.png"])) is True
+    assert ingest.layout_has_val(fs, layout("deep", ["Validation/a/b/c/x.png"])) is True
+    assert ingest.layout_has_val(fs, layout("hidden_only", ["val/.DS_Store", "val/_tmp/x.png", "val/a/.x.png"])) is False
+    assert ingest.layout_has_val(fs, layout("hidden_then_visible", ["val/_tmp/x.png", "val/b/x.png"])) is True
+    assert ingest.layout_has_val(fs, layout("none", ["test/a/x.png", "a/val/x.png"])) is False
+    assert ingest.layout_has_val(fs, layout("file_named_val", ["val"])) is False
+
+
+def test_input_bytes_come_from_the_file_index_without_a_job(spark, tmp_path):
+    # The scan's task sizes are planned from the listing's total bytes; summing lengths with a
+    # Spark job instead would read the whole input once more (and plan it with the wrong sizes).
+    root = tmp_path / "raw"
+    sizes = [3, 1000, 70_000]
+    for i, n in enumerate(sizes):
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        (root / "a" / f"{i}.bin").write_bytes(b"z" * n)
+    raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(uri(root))
+    sc = spark.sparkContext
+    sc.setJobGroup("listed-bytes-probe", "probe")
+    try:
+        assert ingest._listed_bytes(raw) == sum(sizes)
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert list(sc.statusTracker().getJobIdsForGroup("listed-bytes-probe")) == []
+
+
 def test_unlabeled_mode(spark, tmp_path):
     raw = tmp_path / "raw"
     write_labelled(raw, {"x": 2}, seed=7, size=12)
