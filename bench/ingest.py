@@ -19,7 +19,12 @@ Per dataset it measures, in this process, side by side:
 * **spark**: ``pipeline.ingest.run`` end to end on ``local[2]`` (warm session: listing,
   cleaning, dedup, shuffle within split, Parquet write, reconcile, commit).
 
-Each is run ``REPEATS`` times (default 3), alternating plain/spark so both see the same machine
+* **floor**: the least a job built this way can cost: the same listing, scan sizing and
+  ``clean_batches`` function in ``mapInPandas``, output discarded (``noop`` sink): no duplicate
+  resolution, no Parquet, no reconcile. ``ratio_floor`` = floor / plain bounds ``ratio`` from
+  above: the target is out of reach for any such job when ``ratio_floor`` is below it.
+
+Each is run ``REPEATS`` times (default 3), alternating plain/spark/floor so all see the same machine
 load (other jobs share the 2 cores); the median of each is reported, with the load average. The last line of
 output is one JSON object with the figures and ``ratio`` (Spark / plain, the smaller of the two
 datasets' ratios), plus ``ratio_fashion`` and ``ratio_photos``.
@@ -167,6 +172,41 @@ def run_spark(spark: Any, cfg: Any, root: Path, out: Path) -> Dict[str, Any]:
             "timings": s["timings"]}
 
 
+def run_floor(spark: Any, cfg: Any, root: Path) -> Dict[str, Any]:
+    """The least any binaryFile + mapInPandas ingest costs: list, scan and the same per-image function, no sink.
+
+    Same scan sizing and the same :func:`pipeline.ingest.clean_batches` as the job, output
+    discarded (Spark's ``noop`` sink): no duplicate resolution, no Parquet, no reconcile, no
+    commit. What the job spends beyond this is its own overhead; what this spends beyond the
+    plain loop is reading files through Spark and moving them through Arrow to Python workers.
+    """
+    from pipeline import images as im
+    from pipeline import ingest
+    from pipeline.spark import task_slots
+
+    t = time.perf_counter()
+    input_uri = "file://" + str(root)
+    raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(input_uri)
+    files = len(raw._jdf.inputFiles())  # a JVM array: only its length crosses py4j, as in the job
+    confs = ingest.scan_confs(files, ingest._listed_bytes(raw), task_slots(spark), cfg.ingest.batch_rows)
+    saved = {k: spark.conf.get(k, None) for k in confs}
+    for k, v in confs.items():
+        spark.conf.set(k, v)
+    try:
+        fn = ingest.clean_batches(im.ImageOptions.from_config(cfg.ingest), root_uri=input_uri, label_source="folders",
+                                  fractions=cfg.ingest.split_fractions, seed=cfg.ingest.seed)
+        (raw.select("path", "content").mapInPandas(fn, ingest.PROCESSED_DDL)
+         .write.format("noop").mode("overwrite").save())
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
+    dt = time.perf_counter() - t
+    return {"seconds": round(dt, 3), "images_per_second": round(files / dt, 1)}
+
+
 def bench_dataset(spark: Any, name: str, root: Path, overrides: List[str]) -> Dict[str, Any]:
     from pipeline.config import load_config
 
@@ -176,18 +216,23 @@ def bench_dataset(spark: Any, name: str, root: Path, overrides: List[str]) -> Di
     out = CACHE / "out" / name
     plain: List[Dict[str, Any]] = []
     sparks: List[Dict[str, Any]] = []
+    floors: List[Dict[str, Any]] = []
     for rep in range(REPEATS):
         plain.append(run_plain(files, cfg, "file://" + str(data)))
         print(f"[{name}] run {rep + 1}: plain {plain[-1]['images_per_second']:>8.1f} img/s", flush=True)
         sparks.append(run_spark(spark, cfg, data, out))
         print(f"[{name}] run {rep + 1}: spark {sparks[-1]['images_per_second']:>8.1f} img/s  {sparks[-1]['timings']}",
               flush=True)
+        floors.append(run_floor(spark, cfg, data))
+        print(f"[{name}] run {rep + 1}: floor {floors[-1]['images_per_second']:>8.1f} img/s  (scan + per-image work, no sink)",
+              flush=True)
     assert {r["accepted"] for r in plain} == {r["accepted"] for r in sparks}, (plain, sparks)
     mp_ = statistics.median(r["images_per_second"] for r in plain)
     ms = statistics.median(r["images_per_second"] for r in sparks)
+    mf = statistics.median(r["images_per_second"] for r in floors)
     ratios = [s["images_per_second"] / p["images_per_second"] for p, s in zip(plain, sparks)]
-    return {"files": len(files), "plain_ips": round(mp_, 1), "spark_ips": round(ms, 1),
-            "ratio": round(ms / mp_, 3), "round_ratios": [round(r, 3) for r in ratios],
+    return {"files": len(files), "plain_ips": round(mp_, 1), "spark_ips": round(ms, 1), "floor_ips": round(mf, 1),
+            "ratio": round(ms / mp_, 3), "ratio_floor": round(mf / mp_, 3), "round_ratios": [round(r, 3) for r in ratios],
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -225,14 +270,17 @@ def main() -> int:
     finally:
         spark.stop()
     print()
-    print(f"{'dataset':<10}{'files':>8}{'plain img/s':>14}{'spark img/s':>14}{'ratio':>8}")
+    print(f"{'dataset':<10}{'files':>8}{'plain img/s':>14}{'spark img/s':>14}{'ratio':>8}{'floor img/s':>14}{'floor ratio':>13}")
     for k, v in res.items():
-        print(f"{k:<10}{v['files']:>8}{v['plain_ips']:>14.1f}{v['spark_ips']:>14.1f}{v['ratio']:>8.3f}")
+        print(f"{k:<10}{v['files']:>8}{v['plain_ips']:>14.1f}{v['spark_ips']:>14.1f}{v['ratio']:>8.3f}"
+              f"{v['floor_ips']:>14.1f}{v['ratio_floor']:>13.3f}")
     summary = {
         "benchmark": "ingest", "cores": os.cpu_count(), "processes": PROCS, "repeats": REPEATS,
         "fashion_plain_ips": res["fashion"]["plain_ips"], "fashion_spark_ips": res["fashion"]["spark_ips"],
         "photos_plain_ips": res["photos"]["plain_ips"], "photos_spark_ips": res["photos"]["spark_ips"],
         "ratio_fashion": res["fashion"]["ratio"], "ratio_photos": res["photos"]["ratio"],
+        "fashion_floor_ips": res["fashion"]["floor_ips"], "photos_floor_ips": res["photos"]["floor_ips"],
+        "ratio_floor_fashion": res["fashion"]["ratio_floor"], "ratio_floor_photos": res["photos"]["ratio_floor"],
         "round_ratios_fashion": res["fashion"]["round_ratios"], "round_ratios_photos": res["photos"]["round_ratios"],
         "load_avg_1m": [res["fashion"]["load_avg_1m"], res["photos"]["load_avg_1m"]],
         "ratio": min(res["fashion"]["ratio"], res["photos"]["ratio"]),
