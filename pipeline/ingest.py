@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import tempfile
 import time
@@ -577,12 +578,15 @@ def layout_has_val(fs: HadoopFS, input_uri: str) -> bool:
     """Whether the input has a first-level ``val/`` or ``validation/`` folder (any case) holding a file
     Spark would read.
 
-    Filesystem calls on the driver only (no Spark job, no content read): one listing of the input's
-    first level, then each such folder is walked until its first visible file (names starting with
-    ``.``, or ``_`` without ``=``, are hidden from Spark's scan, so they do not count).
+    Filesystem calls on the driver only (no Spark job, no content read): a glob for those names
+    in the input's first level, then each such folder is walked until its first visible file
+    (names starting with ``.``, or ``_`` without ``=``, are hidden from Spark's scan, so they do
+    not count).
     """
-    for child in fs.list_status(input_uri):
-        if child.is_dir and child.name.lower() in ("val", "validation"):
+    any_case = ",".join("".join(f"[{c.lower()}{c.upper()}]" for c in name) for name in ("val", "validation"))
+    base = re.sub(r"([\\{}\[\]*?])", r"\\\1", input_uri)  # the input's own name is literal, not a glob
+    for child in fs.glob(join(base, "{" + any_case + "}")):
+        if child.is_dir:
             if fs.any_file(child.uri, skip=_hidden_from_spark):
                 return True
     return False

@@ -70,7 +70,7 @@ def parent_and_name(uri: str) -> tuple[str, str]:
 
 
 class Entry(NamedTuple):
-    """One child of a folder, as :meth:`HadoopFS.list_status` returns it."""
+    """One file or folder, as :meth:`HadoopFS.glob` returns it."""
 
     name: str
     uri: str
@@ -119,29 +119,33 @@ class HadoopFS:
             return []
         return sorted(str(s.getPath().toString()) for s in fs.listStatus(p))
 
-    def list_status(self, uri: str) -> List["Entry"]:
-        """The folder's direct children (name, URI, folder or not); an absent folder gives []."""
-        fs = self._fs(uri)
-        p = self._path(uri)
-        if not fs.exists(p):
+    def glob(self, pattern: str) -> List[Entry]:
+        """Entries matching a Hadoop glob (``{a,b}``, ``[vV]``, ``*``); matched in the JVM, only hits cross py4j."""
+        found = self._fs(pattern).globStatus(self._path(pattern))
+        if found is None:
             return []
-        out = []
-        for s in fs.listStatus(p):
-            path = s.getPath()
-            out.append(Entry(str(path.getName()), str(path.toString()), bool(s.isDirectory())))
-        return sorted(out)
+        return sorted(Entry(str(st.getPath().getName()), str(st.getPath().toString()), bool(st.isDirectory()))
+                      for st in found)
 
     def any_file(self, uri: str, *, skip: Callable[[str], bool] = lambda name: False) -> bool:
         """Whether the folder holds a file at any depth, not counting names (or folders) ``skip`` rejects.
 
-        Depth-first, stopping at the first such file: one listing per folder visited.
+        Depth-first, one listing per folder visited, stopping at the first such file: a folder
+        of thousands of files costs one listing and a few py4j calls, not one per file.
         """
         todo = [uri]
         while todo:
-            entries = [e for e in self.list_status(todo.pop()) if not skip(e.name)]
-            if any(not e.is_dir for e in entries):
-                return True
-            todo.extend(e.uri for e in reversed(entries))
+            fs = self._fs(todo[-1])
+            statuses = fs.listStatus(self._path(todo.pop()))
+            subdirs = []
+            for i in range(len(statuses)):
+                st = statuses[i]
+                if skip(str(st.getPath().getName())):
+                    continue
+                if not st.isDirectory():
+                    return True
+                subdirs.append(str(st.getPath().toString()))
+            todo.extend(reversed(subdirs))
         return False
 
     def write_text(self, uri: str, text: str) -> None:

@@ -266,6 +266,8 @@ def test_val_folder_detection_matches_what_spark_would_read(spark, tmp_path):
     assert ingest.layout_has_val(fs, layout("hidden_then_visible", ["val/_tmp/x.png", "val/b/x.png"])) is True
     assert ingest.layout_has_val(fs, layout("none", ["test/a/x.png", "a/val/x.png"])) is False
     assert ingest.layout_has_val(fs, layout("file_named_val", ["val"])) is False
+    assert ingest.layout_has_val(fs, layout("glob chars [1] {a,b} *?", ["val/a/x.png"])) is True
+    assert ingest.layout_has_val(fs, layout("glob chars [2] {a,b} *?", ["test/a/x.png"])) is False
 
 
 def test_input_bytes_come_from_the_file_index_without_a_job(spark, tmp_path):
