@@ -182,27 +182,18 @@ def run_floor(spark: Any, cfg: Any, root: Path) -> Dict[str, Any]:
     """
     from pipeline import images as im
     from pipeline import ingest
-    from pipeline.spark import task_slots
+    from pipeline.spark import task_slots, temporary_confs
 
     t = time.perf_counter()
     input_uri = "file://" + str(root)
     raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(input_uri)
     files = len(raw._jdf.inputFiles())  # a JVM array: only its length crosses py4j, as in the job
     confs = ingest.scan_confs(files, ingest._listed_bytes(raw), task_slots(spark), cfg.ingest.batch_rows)
-    saved = {k: spark.conf.get(k, None) for k in confs}
-    for k, v in confs.items():
-        spark.conf.set(k, v)
-    try:
+    with temporary_confs(spark, confs):
         fn = ingest.clean_batches(im.ImageOptions.from_config(cfg.ingest), root_uri=input_uri, label_source="folders",
                                   fractions=cfg.ingest.split_fractions, seed=cfg.ingest.seed)
         (raw.select("path", "content").mapInPandas(fn, ingest.PROCESSED_DDL)
          .write.format("noop").mode("overwrite").save())
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
     dt = time.perf_counter() - t
     return {"seconds": round(dt, 3), "images_per_second": round(files / dt, 1)}
 

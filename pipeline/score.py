@@ -24,7 +24,6 @@ a row of ``<out>/rejects/`` (``pipeline.schema.REJECT_FIELDS``); the job checks
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -33,14 +32,14 @@ import logging
 import os
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 from pipeline import metrics as _metrics
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
 from pipeline.preprocess import ImageSpec, Normalization, check_header, decode_batch, header_size, png_headers_match
 from pipeline.schema import REJECT_COLUMNS, REJECT_FIELDS, SPLIT_COLUMN, SPLITS, UNLABELED_SPLIT, Field, ddl
-from pipeline.spark import assert_on_driver, is_local_master, set_job_description, task_slots
+from pipeline.spark import assert_on_driver, is_local_master, set_job_description, task_slots, temporary_confs
 from pipeline.storage import (
     COMMIT_MARKER, HadoopFS, atomic_output, check_output_mode, join, local_path, parent_and_name, to_uri,
 )
@@ -560,22 +559,6 @@ def read_split(spark: "SparkSession", data_uri: str, split: str, available: Mapp
     return df.select(*_INPUT_COLUMNS)
 
 
-@contextlib.contextmanager
-def _session_confs(spark: "SparkSession", confs: Mapping[str, str]) -> Iterator[None]:
-    """Set SQL confs for the duration of the block, then restore what was there."""
-    old = {k: spark.conf.get(k, None) for k in confs}
-    for k, v in confs.items():
-        spark.conf.set(k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
-
-
 def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, output_uri: str,
         split: str = "test", mode: str = "error") -> Dict[str, Any]:
     """Score ``split`` of the ingest output ``data_uri`` with a trained model; write ``output_uri``.
@@ -631,7 +614,7 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
     confs = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(scfg.batch_size),
              "spark.sql.files.minPartitionNum": str(slots * scfg.tasks_per_slot)}
     try:
-        with _session_confs(spark, confs):
+        with temporary_confs(spark, confs):
             parts = df.rdd.getNumPartitions()
             if parts < slots:  # files too few and too small to split: only then shuffle
                 log.info("input has %d partition(s) for %d task slots: repartitioning", parts, slots)

@@ -6,11 +6,12 @@ the master and confs given on the command line win over the config's
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, Mapping, Optional
 
 from pipeline.config import SparkConfig, redact_conf
 from pipeline.errors import ConfigError, PixelmillError
@@ -157,3 +158,19 @@ def set_job_description(spark: "SparkSession", text: str) -> None:
 
 def confs_for_log(confs: Mapping[str, str]) -> Dict[str, str]:
     return redact_conf(confs)
+
+
+@contextlib.contextmanager
+def temporary_confs(spark: "SparkSession", confs: Mapping[str, str]) -> Iterator[None]:
+    """Set SQL confs for the duration of the block, then restore what was there."""
+    old = {k: spark.conf.get(k, None) for k in confs}
+    for k, v in confs.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
