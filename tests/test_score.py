@@ -595,3 +595,27 @@ def test_one_large_file_is_split_by_row_group_over_every_task_slot_without_a_shu
     assert task_slots(spark) < summary["tasks"] <= n // 100
     got = predictions(spark, "file://" + str(tmp_path / "scored"))
     assert sorted(got["image_id"]) == sorted(table.column("image_id").to_pylist())
+
+
+def test_temporary_confs_restore_what_was_there_even_on_error(spark):
+    # score sets its Arrow batch size and task count for one run only: a later job in the same
+    # session (the next stage in a notebook or a DAG task) must see the session's own values.
+    from pipeline.spark import temporary_confs
+
+    set_key, unset_key = "spark.sql.execution.arrow.maxRecordsPerBatch", "spark.sql.files.minPartitionNum"
+    before = {k: spark.conf.get(k, None) for k in (set_key, unset_key)}
+    spark.conf.set(set_key, "777")
+    spark.conf.unset(unset_key)
+    try:
+        with pytest.raises(RuntimeError):
+            with temporary_confs(spark, {set_key: "5", unset_key: "9"}):
+                assert spark.conf.get(set_key) == "5" and spark.conf.get(unset_key) == "9"
+                raise RuntimeError("the job failed")
+        assert spark.conf.get(set_key) == "777"
+        assert spark.conf.get(unset_key, None) is None
+    finally:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
