@@ -613,9 +613,9 @@ def test_temporary_confs_restore_what_was_there_even_on_error(spark):
                 raise RuntimeError("the job failed")
         assert spark.conf.get(set_key) == "777"
         assert spark.conf.get(unset_key, None) is None
-    finally:
-        for k, v in before.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
+    finally:  # leave the shared session as the fixture built it
+        restore = {k: v for k, v in before.items() if v is not None}
+        for k in before.keys() - restore.keys():
+            spark.conf.unset(k)
+        for k, v in restore.items():
+            spark.conf.set(k, v)
