@@ -24,6 +24,7 @@ batch that creates the marker file). See ``docs/ingest.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -40,7 +41,7 @@ from pipeline import images as im
 from pipeline.config import Config, IngestConfig
 from pipeline.errors import ConfigError, DataError, InvariantError
 from pipeline.schema import IMAGE_COLUMNS, REJECT_COLUMNS, SPLIT_COLUMN, UNLABELED_SPLIT
-from pipeline.spark import assert_on_driver, set_job_description, task_slots
+from pipeline.spark import assert_on_driver, set_job_description, task_slots, temporary_confs
 from pipeline.storage import HadoopFS, atomic_output, check_output_mode, join, to_uri
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -195,7 +196,7 @@ def _footer_counts(spark: "SparkSession", fs: HadoopFS, folders: List[str]) -> D
     files = [(d, f) for d in folders for f in fs.list(d) if f.endswith(".parquet")]
     out = {d: (0, 0) for d in folders}
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
-        for (d, _), (groups, rows) in zip(files, pool.map(lambda df: footer(df[1]), files)):
+        for (d, _), (groups, rows) in zip(files, pool.map(footer, [f for _, f in files])):
             out[d] = (out[d][0] + groups, out[d][1] + rows)
     return out
 
@@ -327,7 +328,7 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
 
     opts = im.ImageOptions.from_config(icfg)
     timings: Dict[str, float] = {}
-    saved_confs: Dict[str, Optional[str]] = {}  # session confs set for this job, restored at the end
+    confs = contextlib.ExitStack()  # session confs set for this job, restored at the end
     persisted: List["DataFrame"] = []
     try:
         # ---- extract ---------------------------------------------------------------
@@ -347,9 +348,7 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
 
         max_bytes = icfg.max_file_mb * 1024 * 1024
         slots = task_slots(spark)
-        for k, v in scan_confs(files_seen, input_bytes, slots, icfg.batch_rows).items():
-            saved_confs.setdefault(k, spark.conf.get(k, None))
-            spark.conf.set(k, v)
+        confs.enter_context(temporary_confs(spark, scan_confs(files_seen, input_bytes, slots, icfg.batch_rows)))
         if prior is not None and "val_carved_from_train" in prior:
             carve_val = bool(prior["val_carved_from_train"])  # appends keep the first run's decision
         else:
@@ -559,11 +558,7 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
     finally:
         for df in persisted:
             df.unpersist()
-        for k, v in saved_confs.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
+        confs.close()
 
 
 # --- DataFrame -> DataFrame transforms -------------------------------------------------
@@ -585,11 +580,8 @@ def layout_has_val(fs: HadoopFS, input_uri: str) -> bool:
     """
     any_case = ",".join("".join(f"[{c.lower()}{c.upper()}]" for c in name) for name in ("val", "validation"))
     base = re.sub(r"([\\{}\[\]*?])", r"\\\1", input_uri)  # the input's own name is literal, not a glob
-    for child in fs.glob(join(base, "{" + any_case + "}")):
-        if child.is_dir:
-            if fs.any_file(child.uri, skip=_hidden_from_spark):
-                return True
-    return False
+    return any(child.is_dir and fs.any_file(child.uri, skip=_hidden_from_spark)
+               for child in fs.glob(join(base, "{" + any_case + "}")))
 
 
 def _hidden_from_spark(name: str) -> bool:

@@ -164,9 +164,9 @@ def confs_for_log(confs: Mapping[str, str]) -> Dict[str, str]:
 def temporary_confs(spark: "SparkSession", confs: Mapping[str, str]) -> Iterator[None]:
     """Set SQL confs for the duration of the block, then restore what was there."""
     old = {k: spark.conf.get(k, None) for k in confs}
-    for k, v in confs.items():
-        spark.conf.set(k, v)
     try:
+        for k, v in confs.items():
+            spark.conf.set(k, v)
         yield
     finally:
         for k, v in old.items():

@@ -135,8 +135,8 @@ class HadoopFS:
         """
         todo = [uri]
         while todo:
-            fs = self._fs(todo[-1])
-            statuses = fs.listStatus(self._path(todo.pop()))
+            folder = todo.pop()
+            statuses = self._fs(folder).listStatus(self._path(folder))
             subdirs = []
             for i in range(len(statuses)):
                 st = statuses[i]
