@@ -1,12 +1,12 @@
 """The schemas of pixelmill's Parquet outputs, declared once.
 
-Spark ``StructType``s and petastorm ``Unischema``s are derived from the field
+Spark ``StructType``s and DDL strings are derived from the field
 lists here; nothing else spells out column names and types.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Tuple
 
 import numpy as np
 
@@ -61,19 +61,3 @@ def spark_schema(fields: Tuple[Field, ...]) -> "StructType":
 def ddl(fields: Tuple[Field, ...]) -> str:
     """``'image_id string, ...'`` for ``mapInPandas`` / ``applyInPandas`` schemas."""
     return ", ".join(f"{f.name} {f.spark_type}" for f in fields)
-
-
-def unischema(name: str = "PixelmillImages", fields: Tuple[Field, ...] = IMAGE_FIELDS) -> Any:
-    """The petastorm ``Unischema`` of ``fields`` (petastorm imported lazily)."""
-    from petastorm.codecs import ScalarCodec
-    from petastorm.unischema import Unischema, UnischemaField
-    from pyspark.sql.types import _parse_datatype_string
-
-    return Unischema(name, [
-        UnischemaField(f.name, f.numpy_dtype, (), ScalarCodec(_parse_datatype_string(f.spark_type)), f.nullable)
-        for f in fields
-    ])
-
-
-def field_map(fields: Tuple[Field, ...] = IMAGE_FIELDS) -> Dict[str, Field]:
-    return {f.name: f for f in fields}

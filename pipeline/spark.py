@@ -114,10 +114,6 @@ def assert_on_driver() -> None:
         raise PixelmillError("this function runs on the Spark driver only, not inside a task")
 
 
-def default_parallelism(spark: "SparkSession") -> int:
-    return max(1, int(spark.sparkContext.defaultParallelism))
-
-
 def task_slots(spark: "SparkSession") -> int:
     """Concurrent task slots the cluster offers now (cores / task cpus)."""
     sc = spark.sparkContext
@@ -154,10 +150,6 @@ def wait_for_task_slots(spark: "SparkSession", needed: int, timeout_s: float, po
 
 def set_job_description(spark: "SparkSession", text: str) -> None:
     spark.sparkContext.setJobDescription(text)
-
-
-def confs_for_log(confs: Mapping[str, str]) -> Dict[str, str]:
-    return redact_conf(confs)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,260 @@
+"""What one stage commits for another to read: the output layout's names and the typed files.
+
+Every file or folder name of the output layout is a constant here, and each file
+that crosses a stage boundary has one typed model and one reader/writer that does
+all its checks:
+
+* :class:`IngestManifest` - ``<ingest out>/_manifest.json``: :func:`read_manifest`, :func:`write_manifest`;
+* :class:`ModelCard` - ``<model dir>/model.json``: :func:`read_model_card`, :func:`write_model_card`.
+
+The models are read-only views that also answer ``m["key"]`` / ``m.get("key")`` like the
+JSON they were read from; unknown keys are kept (an older or newer writer's extra fields
+survive a read-modify-write), missing required keys are an error that says what to rerun.
+docs/contracts.md documents the fields.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import DataError
+from pipeline.fs import FileSystem, filesystem, join, parent_and_name, to_uri
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+
+# --- the output layout: every name, once ---------------------------------------------
+
+#: Marker written last into a committed output (see :mod:`pipeline.commit`).
+COMMIT_MARKER = "_PIXELMILL_COMMITTED"
+#: Prefix of the staging folders a writer uses next to its output.
+STAGING_PREFIX = "._pixelmill_staging-"
+
+# ingest output
+MANIFEST = "_manifest.json"
+IMAGES_DIR = "images"
+REJECTS_DIR = "rejects"
+MANIFEST_VERSION = 1
+
+# training output (model dir)
+MODEL_CARD = "model.json"
+MODEL_SUBDIR = "model"
+MODEL_FILE = "model.keras"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_COMPLETE = "_COMPLETE"
+HISTORY_CSV = "history.csv"
+CURVES_PNG = "training_curves.png"
+TENSORBOARD_DIR = "tensorboard"
+PROGRESS_FILE = "_progress.json"
+
+# score output
+PREDICTIONS_DIR = "predictions"
+METRICS_FILE = "_metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+METRICS_VERSION = 1
+
+
+def model_file_uri(model_dir: str) -> str:
+    """``<model_dir>/model/model.keras``."""
+    return join(model_dir, MODEL_SUBDIR, MODEL_FILE)
+
+
+# --- the typed files -------------------------------------------------------------------
+
+class _Contract(BaseModel):
+    """A frozen model that also reads like the JSON mapping it came from."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self.to_dict()[key]
+        except KeyError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+class ImageBlock(_Contract):
+    """What every stored image is: size, channels, color mode and encoding."""
+
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    channels: int = Field(ge=1, le=4)
+    color_mode: str = "RGB"
+    format: str = "png"
+
+
+class IngestManifest(_Contract):
+    """``<ingest out>/_manifest.json``: counts that add up, classes, image spec, train stats."""
+
+    version: int = MANIFEST_VERSION
+    input_uri: Optional[str] = None
+    output_uri: Optional[str] = None
+    files_seen: int = 0
+    accepted: int = 0
+    rejected: Dict[str, int] = Field(default_factory=dict)
+    splits: Dict[str, int]
+    class_counts: Dict[str, int] = Field(default_factory=dict)
+    classes: Dict[str, int] = Field(default_factory=dict)
+    image: ImageBlock
+    stats: Dict[str, Any] = Field(default_factory=dict)
+    row_groups: Dict[str, int] = Field(default_factory=dict)
+    config: Dict[str, Any] = Field(default_factory=dict)
+
+    def class_order(self) -> Tuple[str, ...]:
+        """Class names in index order."""
+        return tuple(n for n, _ in sorted(self.classes.items(), key=lambda kv: kv[1]))
+
+
+class ModelCard(_Contract):
+    """``<model dir>/model.json``: what the exported model expects and how it was made."""
+
+    model_id: str
+    classes: Dict[str, int]
+    image: ImageBlock
+    normalization: Dict[str, List[float]]
+    created_utc: Optional[str] = None
+    ingest_manifest_sha256: Optional[str] = None
+    epochs_completed: Optional[int] = None
+    metrics: Dict[str, Any] = Field(default_factory=dict)
+    stack: Dict[str, Any] = Field(default_factory=dict)
+    config: Dict[str, Any] = Field(default_factory=dict)
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    return f"'{where}': {e['msg']}"
+
+
+# --- the ingest manifest ------------------------------------------------------------------
+
+def read_manifest(data_uri: str, fs: Optional[FileSystem] = None, *,
+                  spark: Optional["SparkSession"] = None) -> IngestManifest:
+    """The manifest of a committed ingest output, with every check done once.
+
+    Raises :class:`DataError` naming what to run when ``data_uri`` does not exist, is not
+    committed (a crashed or running ingest), has no or an unreadable manifest, or one of
+    another version or shape.
+    """
+    data_uri = to_uri(data_uri)
+    fs = fs or filesystem(data_uri, spark)
+    if not fs.exists(data_uri):
+        raise DataError(f"ingest output {data_uri} does not exist: run ingest first, or pass the ingest --output URI")
+    if not fs.exists(join(data_uri, COMMIT_MARKER)):
+        raise DataError(f"{data_uri} is not a committed ingest output (no {COMMIT_MARKER}): "
+                        "re-run ingest (a crashed or running ingest leaves no marker)")
+    path = join(data_uri, MANIFEST)
+    if not fs.exists(path):
+        raise DataError(f"{data_uri} has no {MANIFEST}: it was not written by pixelmill ingest (re-run ingest)")
+    try:
+        raw = fs.read_json(path)
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}): re-run ingest") from None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: Any, where: str) -> IngestManifest:
+    """Validate a manifest's JSON (see :func:`read_manifest`)."""
+    if not isinstance(raw, Mapping):
+        raise DataError(f"{where} does not hold a JSON object: re-run ingest")
+    if raw.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
+        raise DataError(f"{where} has manifest version {raw.get('version')!r}, expected {MANIFEST_VERSION}: "
+                        "re-ingest with --mode overwrite")
+    for key in ("splits", "image"):
+        if key not in raw:
+            raise DataError(f"{where} has no '{key}': it was written by another tool (re-run ingest)")
+    try:
+        return IngestManifest.model_validate(raw)
+    except ValidationError as e:
+        raise DataError(f"{where} has a bad entry {_first_error(e)}: re-run ingest") from None
+
+
+def write_manifest(fs: FileSystem, out_uri: str, manifest: Mapping[str, Any]) -> IngestManifest:
+    """Validate and write ``<out_uri>/_manifest.json``; returns the typed manifest."""
+    m = manifest if isinstance(manifest, IngestManifest) else IngestManifest.model_validate(dict(manifest))
+    fs.write_json(join(out_uri, MANIFEST), m.to_dict())
+    return m
+
+
+def manifest_sha256(data_uri: str, fs: Optional[FileSystem] = None) -> str:
+    """sha256 of the manifest's bytes: what a model card records as ``ingest_manifest_sha256``."""
+    fs = fs or filesystem(data_uri)
+    return hashlib.sha256(fs.read_bytes(join(to_uri(data_uri), MANIFEST))).hexdigest()
+
+
+# --- the model card -------------------------------------------------------------------------
+
+def resolve_model_dir(fs: FileSystem, model_uri: str) -> str:
+    """The training ``--model-dir`` for ``model_uri`` (the dir itself, its ``model/`` or ``model.keras``)."""
+    u = model_uri.rstrip("/")
+    parent, name = parent_and_name(u)
+    if name == MODEL_FILE:
+        u, (parent, name) = parent, parent_and_name(parent)
+    if fs.exists(model_file_uri(u)):
+        return u
+    if name == MODEL_SUBDIR and fs.exists(join(u, MODEL_FILE)):
+        return parent
+    hint = ""
+    if fs.exists(join(u, CHECKPOINTS_DIR)):
+        hint = "; training left checkpoints but no exported model: let it finish (rerun train with --mode resume)"
+    raise DataError(f"no trained model at {model_uri}: expected <model-dir>/{MODEL_SUBDIR}/{MODEL_FILE} and "
+                    f"<model-dir>/{MODEL_CARD} (pass a finished training's --model-dir or its model/ to --model){hint}")
+
+
+def read_model_card(fs: FileSystem, model_dir: str) -> ModelCard:
+    """``<model_dir>/model.json``, checked: required keys, class indices 0..k-1, channels agree."""
+    uri = join(model_dir, MODEL_CARD)
+    if not fs.exists(uri):
+        raise DataError(f"{uri} is missing: the model has no description (re-export it with train)")
+    try:
+        raw = fs.read_json(uri)
+    except ValueError as e:
+        raise DataError(f"{uri} is not valid JSON ({e}): re-export the model with train") from None
+    if not isinstance(raw, Mapping):
+        raise DataError(f"{uri} does not hold a JSON object: re-export the model with train")
+    for key in ("model_id", "classes", "image", "normalization"):
+        if key not in raw:
+            raise DataError(f"{uri} lacks '{key}': re-export the model with train")
+    classes = raw["classes"]
+    if not isinstance(classes, Mapping) or not classes:
+        raise DataError(f"{uri}: 'classes' must map class names to indices 0..k-1")
+    try:
+        indices = sorted(int(i) for i in classes.values())
+    except (TypeError, ValueError):
+        raise DataError(f"{uri}: 'classes' must map class names to indices 0..k-1") from None
+    if indices != list(range(len(classes))):
+        raise DataError(f"{uri}: class indices must be 0..{len(classes) - 1}, got {indices}")
+    try:
+        card = ModelCard.model_validate(raw)
+    except ValidationError as e:
+        raise DataError(f"{uri} has a bad 'image' or 'normalization' entry ({_first_error(e)}): "
+                        "re-export the model") from None
+    norm = card.normalization
+    if "mean" not in norm or "std" not in norm:
+        raise DataError(f"{uri} has a bad 'image' or 'normalization' entry (needs mean and std): re-export the model")
+    if len(norm["mean"]) != card.image.channels or len(norm["std"]) != card.image.channels:
+        raise DataError(f"{uri}: normalization has {len(norm['mean'])} channel(s) but image has {card.image.channels}")
+    return card
+
+
+def write_model_card(fs: FileSystem, model_dir: str, card: Mapping[str, Any]) -> ModelCard:
+    """Validate and write ``<model_dir>/model.json`` (written after the model file it describes)."""
+    c = card if isinstance(card, ModelCard) else ModelCard.model_validate(dict(card))
+    fs.write_json(join(model_dir, MODEL_CARD), c.to_dict())
+    return c
+
+
+def class_order(classes: Mapping[str, int]) -> Tuple[str, ...]:
+    """Class names in index order."""
+    return tuple(n for n, _ in sorted(classes.items(), key=lambda kv: int(kv[1])))
