@@ -185,6 +185,10 @@ class FileSystem:
                 dest = join(uri, *([] if sub == "." else [sub]), name)
                 self.upload(os.path.join(dirpath, name), dest)
 
+    def parquet_counts(self, uri: str) -> Tuple[int, int]:
+        """``(row groups, rows)`` of one Parquet file, from its footer only."""
+        raise NotImplementedError
+
     def any_file(self, uri: str, *, skip: Callable[[str], bool] = lambda name: False) -> bool:
         """Whether the folder holds a file at any depth, not counting names (or folders) ``skip`` rejects.
 
@@ -277,6 +281,12 @@ class ArrowFS(FileSystem):
     def rename(self, src: str, dst: str) -> None:
         self.fs.move(self._p(src), self._p(dst))
 
+    def parquet_counts(self, uri: str) -> Tuple[int, int]:
+        import pyarrow.parquet as pq
+
+        meta = pq.read_metadata(self._p(uri), filesystem=self.fs)
+        return int(meta.num_row_groups), int(meta.num_rows)
+
     def arrow(self, uri: str) -> Tuple[Any, str]:
         """``(pyarrow FileSystem, path)`` for readers that take a pyarrow filesystem (pyarrow.dataset, parquet)."""
         return self.fs, self._p(uri)
@@ -358,6 +368,15 @@ class HadoopFS(FileSystem):
     def rename(self, src: str, dst: str) -> None:
         if not self._fs(src).rename(self._path(src), self._path(dst)):
             raise OSError(f"rename {src} -> {dst} failed")
+
+    def parquet_counts(self, uri: str) -> Tuple[int, int]:
+        jvm = self._jvm
+        reader = jvm.org.apache.parquet.hadoop.ParquetFileReader.open(
+            jvm.org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(self._path(uri), self._conf))
+        try:
+            return int(reader.getRowGroups().size()), int(reader.getRecordCount())
+        finally:
+            reader.close()
 
     def glob(self, pattern: str) -> List[Entry]:
         """Entries matching a Hadoop glob, matched in the JVM (only hits cross py4j)."""
