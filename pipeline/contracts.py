@@ -81,7 +81,12 @@ class _Contract(BaseModel):
         return key in self.to_dict()
 
     def to_dict(self) -> Dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=False)
+        """Every field, defaults included (what ``m["key"]`` reads)."""
+        return self.model_dump(mode="json")
+
+    def to_json_dict(self) -> Dict[str, Any]:
+        """The fields that were given (what a writer stores): a read-then-write keeps the file as it was."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 class ImageBlock(_Contract):
@@ -183,7 +188,7 @@ def parse_manifest(raw: Any, where: str) -> IngestManifest:
 def write_manifest(fs: FileSystem, out_uri: str, manifest: Mapping[str, Any]) -> IngestManifest:
     """Validate and write ``<out_uri>/_manifest.json``; returns the typed manifest."""
     m = manifest if isinstance(manifest, IngestManifest) else IngestManifest.model_validate(dict(manifest))
-    fs.write_json(join(out_uri, MANIFEST), m.to_dict())
+    fs.write_json(join(out_uri, MANIFEST), m.to_json_dict())
     return m
 
 
@@ -251,7 +256,7 @@ def read_model_card(fs: FileSystem, model_dir: str) -> ModelCard:
 def write_model_card(fs: FileSystem, model_dir: str, card: Mapping[str, Any]) -> ModelCard:
     """Validate and write ``<model_dir>/model.json`` (written after the model file it describes)."""
     c = card if isinstance(card, ModelCard) else ModelCard.model_validate(dict(card))
-    fs.write_json(join(model_dir, MODEL_CARD), c.to_dict())
+    fs.write_json(join(model_dir, MODEL_CARD), c.to_json_dict())
     return c
 
 
