@@ -324,16 +324,9 @@ class HadoopFS(FileSystem):
         return sorted(out)
 
     def read_bytes(self, uri: str) -> bytes:
-        fs = self._fs(uri)
-        p = self._path(uri)
-        n = int(fs.getFileStatus(p).getLen())
-        stream = fs.open(p)
+        stream = self._fs(uri).open(self._path(uri))
         try:
-            buf = self._jvm.java.nio.ByteBuffer.allocate(n) if n else None
-            if buf is None:
-                return b""
-            self._jvm.org.apache.hadoop.io.IOUtils.readFully(stream, buf.array(), 0, n)
-            return bytes(buf.array())
+            return bytes(stream.readAllBytes())  # one byte[] crosses py4j
         finally:
             stream.close()
 
