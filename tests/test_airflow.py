@@ -75,8 +75,12 @@ DAGBAG_PROBE = """
     from airflow.dag_processing.dagbag import DagBag
     bag = DagBag(dag_folder=sys.argv[1] if len(sys.argv) > 1 else %r)
     dag = bag.dags.get("pixelmill")
-    heavy = sorted(m for m in ("tensorflow", "horovod", "petastorm", "pipeline", "PIL", "pyspark", "pandas", "keras")
-                   if m in sys.modules)
+    # pixelmill's CLI contract and orchestration helpers may load; its stages and their libraries may not
+    light = ("pipeline", "pipeline.cli", "pipeline.config", "pipeline.errors", "pipeline.storage",
+             "pipeline.orchestration", "pipeline.orchestration_airflow")
+    heavy = sorted([m for m in ("tensorflow", "horovod", "petastorm", "PIL", "pyspark", "pandas", "keras", "numpy",
+                                "pyarrow") if m in sys.modules]
+                   + [m for m in sys.modules if m.startswith("pipeline.") and m not in light])
     tasks = {
         t.task_id: {
             "downstream": sorted(t.downstream_task_ids),
@@ -110,7 +114,7 @@ def test_dagbag_has_no_import_errors(parsed):
 
 
 def test_dag_file_is_wiring_only(parsed):
-    # Parsing must not import TensorFlow, Spark or pixelmill: the scheduler parses this file every 30 s.
+    # Parsing must not import TensorFlow, Spark or pixelmill's stages: the scheduler parses this file every 30 s.
     assert parsed["heavy"] == []
 
 
@@ -143,12 +147,10 @@ def test_broken_dag_file_is_reported_by_dagbag(tmp_path):
 # --- rendering: per-run URIs from run_after, also when logical_date is None ----------------
 
 RENDER_PROBE = """
-    import importlib.util, json, sys
+    import json, sys
     from datetime import datetime, timedelta, timezone
     from types import SimpleNamespace
-    spec = importlib.util.spec_from_file_location("pixelmill_dag", %r)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    import pipeline.orchestration as mod
     params = {"input_uri": "file:///in", "output_root": "s3a://bucket/runs/", "num_proc": 4, "epochs": None,
               "score_split": "test", "config_files": ["cluster.yaml"], "overrides": ["train.batch_size=32"],
               "archives": None, "executor_python": None, "driver_python": "/opt/venv/bin/python"}
@@ -163,7 +165,7 @@ RENDER_PROBE = """
         "conf": mod.spark_conf(params), "conf_packed": mod.spark_conf(packed),
         "own_models": mod.stage_uris(dict(params, model_root="hdfs:///models/"), manual),
     }))
-""" % str(DAGS / "pixelmill.py")
+"""
 
 
 def test_stage_args_use_a_run_key_from_run_after(tmp_path):
