@@ -15,11 +15,14 @@ import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, PixelmillError
+from pipeline.errors import PixelmillError
 from pipeline.storage import to_uri
 
 log = logging.getLogger("pipeline")
 STAGES = ("ingest", "train", "score")
+#: Values of ``pixelmill score --split``: one split of an ingest output, or ``all``.
+#: The Airflow DAG's ``score_split`` param reads them from the parser (pipeline.orchestration).
+SPLIT_CHOICES = ("train", "val", "test", "unlabeled", "all")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +30,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _one_of(flag: str, choices: Sequence[str]) -> Callable[[str], str]:
+    """argparse ``type`` that refuses a value outside ``choices`` with the CLI's own message."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{flag} must be one of {', '.join(choices)} (got {value!r})")
+        return value
+
+    return check
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,7 +67,9 @@ def build_parser(stage: str, prog: Optional[str] = None) -> argparse.ArgumentPar
         p.add_argument("--data", required=True, help="an ingest output")
         p.add_argument("--model", required=True, help="a training --model-dir or its model/")
         p.add_argument("--output", required=True, help="where predictions/ and _metrics.json go")
-        p.add_argument("--split", default="test", help="split to score: train, val, test, unlabeled or all")
+        # choices= for --help and for the DAG's flag rendering; type= so a bad value gets the house message.
+        p.add_argument("--split", default="test", choices=SPLIT_CHOICES, type=_one_of("--split", SPLIT_CHOICES),
+                       help="split to score (default: test)")
         p.add_argument("--mode", default="error", choices=["error", "overwrite"])
     else:  # pragma: no cover
         raise ValueError(stage)
@@ -94,8 +110,6 @@ def stage_kwargs(stage: str, args: argparse.Namespace) -> Dict[str, Any]:
     if stage == "train":
         return {"data_uri": to_uri(args.data), "model_dir": to_uri(args.model_dir), "mode": args.mode}
     if stage == "score":
-        if args.split not in ("train", "val", "test", "unlabeled", "all"):
-            raise ConfigError(f"--split must be one of train, val, test, unlabeled, all (got {args.split!r})")
         return {"data_uri": to_uri(args.data), "model_uri": to_uri(args.model),
                 "output_uri": to_uri(args.output), "split": args.split, "mode": args.mode}
     raise ValueError(stage)  # pragma: no cover

@@ -9,14 +9,19 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import SAMPLE_INGEST_OVERRIDES
+from pipeline import cli
+from pipeline import orchestration as orch
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "airflow_dags"
@@ -75,8 +80,12 @@ DAGBAG_PROBE = """
     from airflow.dag_processing.dagbag import DagBag
     bag = DagBag(dag_folder=sys.argv[1] if len(sys.argv) > 1 else %r)
     dag = bag.dags.get("pixelmill")
-    heavy = sorted(m for m in ("tensorflow", "horovod", "petastorm", "pipeline", "PIL", "pyspark", "pandas", "keras")
-                   if m in sys.modules)
+    # pixelmill's CLI contract and orchestration helpers may load; its stages and their libraries may not
+    light = ("pipeline", "pipeline.cli", "pipeline.config", "pipeline.errors", "pipeline.storage",
+             "pipeline.orchestration", "pipeline.orchestration_airflow")
+    heavy = sorted([m for m in ("tensorflow", "horovod", "petastorm", "PIL", "pyspark", "pandas", "keras", "numpy",
+                                "pyarrow") if m in sys.modules]
+                   + [m for m in sys.modules if m.startswith("pipeline.") and m not in light])
     tasks = {
         t.task_id: {
             "downstream": sorted(t.downstream_task_ids),
@@ -93,6 +102,7 @@ DAGBAG_PROBE = """
         "import_errors": {str(k): str(v) for k, v in bag.import_errors.items()},
         "dag_ids": sorted(bag.dag_ids), "heavy": heavy, "tasks": tasks,
         "params": sorted(dag.params.keys()) if dag else [],
+        "score_split_enum": dag.params.get_param("score_split").schema.get("enum") if dag else None,
         "max_active_runs": dag.max_active_runs if dag else None,
         "catchup": dag.catchup if dag else None,
     }))
@@ -110,7 +120,7 @@ def test_dagbag_has_no_import_errors(parsed):
 
 
 def test_dag_file_is_wiring_only(parsed):
-    # Parsing must not import TensorFlow, Spark or pixelmill: the scheduler parses this file every 30 s.
+    # Parsing must not import TensorFlow, Spark or pixelmill's stages: the scheduler parses this file every 30 s.
     assert parsed["heavy"] == []
 
 
@@ -143,12 +153,10 @@ def test_broken_dag_file_is_reported_by_dagbag(tmp_path):
 # --- rendering: per-run URIs from run_after, also when logical_date is None ----------------
 
 RENDER_PROBE = """
-    import importlib.util, json, sys
+    import json, sys
     from datetime import datetime, timedelta, timezone
     from types import SimpleNamespace
-    spec = importlib.util.spec_from_file_location("pixelmill_dag", %r)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    import pipeline.orchestration as mod
     params = {"input_uri": "file:///in", "output_root": "s3a://bucket/runs/", "num_proc": 4, "epochs": None,
               "score_split": "test", "config_files": ["cluster.yaml"], "overrides": ["train.batch_size=32"],
               "archives": None, "executor_python": None, "driver_python": "/opt/venv/bin/python"}
@@ -163,7 +171,7 @@ RENDER_PROBE = """
         "conf": mod.spark_conf(params), "conf_packed": mod.spark_conf(packed),
         "own_models": mod.stage_uris(dict(params, model_root="hdfs:///models/"), manual),
     }))
-""" % str(DAGS / "pixelmill.py")
+"""
 
 
 def test_stage_args_use_a_run_key_from_run_after(tmp_path):
@@ -186,6 +194,177 @@ def test_stage_args_use_a_run_key_from_run_after(tmp_path):
     assert out["conf_packed"] == {"spark.pyspark.driver.python": "/opt/venv/bin/python",
                                   "spark.pyspark.python": "./env/bin/python",
                                   "spark.archives": "hdfs:///apps/pixelmill-env.tar.gz#env"}
+
+
+# --- flags come from the CLI's own parser -------------------------------------------------
+
+PARAMS = {"input_uri": "file:///in", "output_root": "s3a://bucket/runs/", "model_root": None, "num_proc": 4,
+          "epochs": None, "score_split": "test", "config_files": ["cluster.yaml", "gpu.yaml"],
+          "overrides": ["train.batch_size=32", "ingest.image_size=64"]}
+RUN = SimpleNamespace(run_after=datetime(2026, 11, 28, 15, 30, 5, tzinfo=timezone.utc))
+
+
+@pytest.mark.parametrize("stage", cli.STAGES)
+@pytest.mark.parametrize("changes", [{}, {"epochs": 3, "model_root": "hdfs:///models/", "score_split": "unlabeled",
+                                          "config_files": [], "overrides": []}], ids=["defaults", "every-option"])
+def test_rendered_flags_parse_back_to_the_same_values(stage, changes):
+    params = dict(PARAMS, **changes)
+    values = orch.stage_values(stage, params, RUN)
+    parser = cli.build_parser(stage)
+    parsed = vars(parser.parse_args(orch.stage_args(stage, params, RUN)))
+    assert {k: parsed[k] for k in values} == {k: parser.get_default(k) if v is None else v for k, v in values.items()}
+    assert {k: v for k, v in parsed.items() if k not in values} == {"log_level": "INFO"}
+    assert parsed["mode"] == orch.STAGE_MODES[stage]
+    assert parsed["config"] == params["config_files"] and parsed["overrides"] == params["overrides"]
+
+
+def test_score_renders_every_split_the_cli_accepts():
+    # The DAG's hand-written flags once lacked "unlabeled": now both read one tuple.
+    assert cli.SPLIT_CHOICES == ("train", "val", "test", "unlabeled", "all")
+    assert orch.flag_choices("score", "split") == cli.SPLIT_CHOICES
+    for split in cli.SPLIT_CHOICES:
+        args = orch.stage_args("score", dict(PARAMS, score_split=split), RUN)
+        assert args[args.index("--split") + 1] == split
+        assert cli.parse_args("score", args).split == split
+
+
+def test_score_stage_checks_the_same_split_choices():
+    score = pytest.importorskip("pipeline.score", reason="the score stage has not landed yet")
+    assert score.SPLIT_CHOICES == cli.SPLIT_CHOICES
+
+
+def test_dag_score_split_param_offers_the_cli_choices(parsed):
+    assert parsed["score_split_enum"] == list(cli.SPLIT_CHOICES)
+
+
+@pytest.mark.parametrize("stage, values, flag", [
+    ("score", {"data": "d", "model": "m", "output": "o", "split": "dev"}, "--split"),
+    ("ingest", {"input": "i", "output": "o", "mode": "resume"}, "--mode"),
+    ("train", {"data": "d", "model_dir": "m", "num_proc": "four"}, "--num-proc"),
+    ("train", {"data": "d", "model_dir": "m", "num_proc": 2.5}, "--num-proc"),
+    ("ingest", {"input": "i", "output": "o", "model_dir": "m"}, "'model_dir'"),
+    ("train", {"data": "d", "epochs": 1}, "--model-dir"),
+    ("ingest", {"input": "i", "output": "o", "config": "cluster.yaml"}, "--config"),
+])
+def test_render_flags_refuses_what_the_cli_would_refuse(stage, values, flag):
+    with pytest.raises(ValueError, match=re.escape(flag)):
+        orch.render_flags(stage, values)
+
+
+# --- nothing touches the filesystem at parse time; the task finds its job and spark-submit ---
+
+FS_PROBE = """
+    import json, os, pathlib, shutil, sys
+    ours, repo = (%r, %r), %r
+    calls = []
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(ours):
+                calls.append(f"{name} from {os.path.relpath(caller.f_code.co_filename, repo)}:{caller.f_lineno}")
+            return real(*args, **kwargs)
+        setattr(owner, name, wrapper)
+
+    for owner, names in ((pathlib.Path, ("exists", "is_file", "is_dir", "is_symlink", "resolve", "stat", "iterdir",
+                                         "glob", "open", "read_text")),
+                         (os.path, ("exists", "isfile", "isdir", "islink", "realpath")),
+                         (os, ("stat", "lstat", "listdir", "scandir", "access", "open")),
+                         (shutil, ("which",))):
+        for name in names:
+            spy(owner, name)
+    from airflow.dag_processing.dagbag import DagBag
+    bag = DagBag(dag_folder=ours[1])
+    print("RESULT " + json.dumps({"import_errors": {str(k): str(v) for k, v in bag.import_errors.items()},
+                                  "dag_ids": sorted(bag.dag_ids), "calls": calls}))
+""" % (str(REPO / "pipeline"), str(DAGS), str(REPO))
+
+
+def test_parsing_the_dag_touches_no_file(tmp_path):
+    # Probes of the jobs dir or spark-submit (Path.is_file, shutil.which, resolve...) belong in execute.
+    out = run_py(FS_PROBE, tmp_path)
+    assert out["import_errors"] == {} and out["dag_ids"] == ["pixelmill"]
+    assert out["calls"] == []
+
+
+OPERATOR_PROBE = """
+    import json, os, sys
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import AirflowFailException
+    dag = DagBag(dag_folder=%r).dags["pixelmill"]
+    params = {"input_uri": "file:///in", "output_root": "file:///runs", "model_root": None, "num_proc": 2,
+              "epochs": None, "score_split": "dev", "config_files": [], "overrides": [], "archives": None,
+              "executor_python": None, "driver_python": None}
+    run = SimpleNamespace(run_after=datetime(2026, 11, 28, tzinfo=timezone.utc))
+    out = {}
+
+    def attempt(name, call):
+        try:
+            call()
+            out[name] = None
+        except AirflowFailException as e:
+            out[name] = str(e)
+
+    score, train, ingest = (dag.get_task(t) for t in ("score", "train", "ingest"))
+    attempt("bad_split", lambda: score.render_template_fields({"params": params, "dag_run": run}, dag.get_template_env()))
+    attempt("no_run_after", lambda: train.render_template_fields(
+        {"params": params, "dag_run": SimpleNamespace(run_after=None)}, dag.get_template_env()))
+    os.environ["PIXELMILL_JOBS_DIR"] = sys.argv[1]
+    attempt("no_job", lambda: ingest.execute({}))
+    print("RESULT " + json.dumps(out))
+""" % str(DAGS)
+
+
+def test_operator_fails_without_retry_when_a_retry_cannot_help(tmp_path):
+    # AirflowFailException is what Airflow does not retry: bad params and a missing job must raise it.
+    empty = tmp_path / "no_jobs_here"
+    empty.mkdir()
+    code = OPERATOR_PROBE.replace("sys.argv[1]", repr(str(empty)))
+    out = run_py(code, tmp_path / "home")
+    assert out["bad_split"].startswith("score cannot render its command (pixelmill score: --split must be one of "
+                                       "train, val, test, unlabeled, all (got 'dev')): not retried")
+    assert "dag_run.run_after is not set" in out["no_run_after"] and "not retried" in out["no_run_after"]
+    assert f"{empty / 'ingest.py'} does not exist: set PIXELMILL_JOBS_DIR" in out["no_job"]
+
+
+def test_jobs_dir_is_resolved_when_the_task_runs(tmp_path, monkeypatch):
+    # A DAG file symlinked into Airflow's dags folder: parse time only names a path, the task follows the link.
+    monkeypatch.delenv("PIXELMILL_JOBS_DIR", raising=False)
+    checkout = tmp_path / "checkout"
+    (checkout / "airflow_dags").mkdir(parents=True)
+    (checkout / "jobs").mkdir()
+    (checkout / "airflow_dags" / "pixelmill.py").write_text("")
+    (checkout / "jobs" / "train.py").write_text("")
+    dags = tmp_path / "airflow" / "dags"
+    dags.mkdir(parents=True)
+    (dags / "pixelmill.py").symlink_to(checkout / "airflow_dags" / "pixelmill.py")
+    dag_file = str(dags / "pixelmill.py")
+    assert orch.job_path("train", dag_file) == str(tmp_path / "airflow" / "jobs" / "train.py")
+    assert orch.resolve_job_path("train", dag_file) == str((checkout / "jobs" / "train.py").resolve())
+    with pytest.raises(ValueError, match="score.py does not exist: set PIXELMILL_JOBS_DIR"):
+        orch.resolve_job_path("score", dag_file)
+    monkeypatch.setenv("PIXELMILL_JOBS_DIR", str(checkout / "jobs"))
+    assert orch.job_path("train", "/anywhere/dags/pixelmill.py") == str(checkout / "jobs" / "train.py")
+    assert orch.resolve_job_path("train", "/anywhere/dags/pixelmill.py") == str(checkout / "jobs" / "train.py")
+
+
+def test_spark_submit_is_resolved_when_the_task_runs(tmp_path, monkeypatch):
+    beside = tmp_path / "venv" / "bin" / "spark-submit"
+    on_path = tmp_path / "path" / "spark-submit"
+    on_path.parent.mkdir()
+    on_path.write_text("#!/bin/sh\n")
+    on_path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert orch.resolve_spark_submit(str(beside)) == str(on_path)  # no venv binary: PATH's
+    beside.parent.mkdir(parents=True)
+    beside.write_text("")
+    assert orch.resolve_spark_submit(str(beside)) == str(beside)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert orch.resolve_spark_submit(str(tmp_path / "none")) == "spark-submit"  # the hook's error names it
+    assert orch.default_spark_submit() == str(BIN / "spark-submit")
 
 
 # --- dag.test(): real spark-submit runs on local[2] ----------------------------------------
