@@ -6,7 +6,7 @@ Run with no arguments: ``python bench/loader.py``. It prepares its own data in
 row groups), then measures, each in a fresh child process so peak RSS is its own:
 
 * ``baseline``: ``pyarrow.dataset`` reads the train split into numpy, then
-  ``tf.data`` shuffles, decodes with :func:`pipeline.preprocess.tf_decode`,
+  ``tf.data`` shuffles, decodes with :func:`pipeline.imaging.stored.tf_decode`,
   normalises, batches and prefetches -- the same tf.data work as the loader.
 * ``loader``: :func:`pipeline.dataset.train_dataset` with the default config
   (augmentation off for the ratio, so both sides do identical per-image work),
@@ -18,6 +18,8 @@ row groups), then measures, each in a fresh child process so peak RSS is its own
 
 Images/s are steady state: warm-up batches are skipped, start-up is reported apart.
 The last line is one JSON object; ``ratio`` = loader / baseline images/s.
+``PIXELMILL_BENCH_QUICK=1`` runs a smoke check (a few batches, one round): it shows the
+benchmark still runs, its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ from pipeline import sample_data
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache"
 DATA = CACHE / "loader" / "out"
+QUICK = os.environ.get("PIXELMILL_BENCH_QUICK") == "1"
 BATCH = 64
-WARMUP = 20
-STEPS = 500  # 32,000 images measured per run
+WARMUP = 2 if QUICK else 20
+STEPS = 10 if QUICK else 500  # 32,000 images measured per run
 TRAIN_ROW_GROUPS = 32
-ROUNDS = 2
+ROUNDS = 1 if QUICK else 2
 
 
 def prepare() -> Path:
@@ -121,8 +124,9 @@ def child(kind: str, overrides: List[str]) -> Dict[str, Any]:
     import tensorflow as tf
 
     from pipeline.config import load_config
-    from pipeline.dataset import read_manifest, train_dataset
-    from pipeline.preprocess import ImageSpec, Normalization, tf_decode, tf_normalize
+    from pipeline.contracts import read_manifest
+    from pipeline.dataset import train_dataset
+    from pipeline.imaging.stored import ImageSpec, Normalization, tf_decode, tf_normalize
 
     uri = "file://" + str(DATA)
     cfg = load_config(overrides=overrides)
@@ -166,7 +170,7 @@ def child(kind: str, overrides: List[str]) -> Dict[str, Any]:
 
         for _ in range(10):
             step()
-        n, start = 100, time.perf_counter()
+        n, start = 5 if QUICK else 100, time.perf_counter()
         for _ in range(n):
             step()
         float(step())

@@ -148,7 +148,7 @@ def expected_norm(k: int) -> np.ndarray:
 # --- manifest and layout ----------------------------------------------------------------
 
 def test_read_manifest_returns_the_committed_manifest(data_uri):
-    from pipeline.dataset import read_manifest
+    from pipeline.contracts import read_manifest
 
     m = read_manifest(data_uri)
     assert m["splits"] == {"train": 41, "val": 11}
@@ -156,7 +156,7 @@ def test_read_manifest_returns_the_committed_manifest(data_uri):
 
 
 def test_read_manifest_refuses_uncommitted_or_missing_output(tmp_path):
-    from pipeline.dataset import read_manifest
+    from pipeline.contracts import read_manifest
 
     with pytest.raises(DataError, match="does not exist: run ingest first"):
         read_manifest("file://" + str(tmp_path / "nope"))
@@ -331,7 +331,7 @@ def test_train_cache_gives_the_streamed_pixels_and_labels(data_uri):
 
 def test_train_streams_every_pass_when_the_cache_is_off_or_too_small(data_uri):
     from pipeline.dataset import decoded_cache_mb, train_dataset
-    from pipeline.preprocess import ImageSpec
+    from pipeline.imaging.stored import ImageSpec
 
     with train_dataset(data_uri, config("loader.cache_max_mb=0"), rank=0, size=1, batch_size=41, seed=2) as data:
         take(data.dataset, 3)
@@ -511,7 +511,8 @@ def real_ingest(request):
 
 
 def test_real_ingest_output_trains_and_evaluates_exactly_once(real_ingest, sample_config):
-    from pipeline.dataset import eval_dataset, read_manifest, train_dataset
+    from pipeline.contracts import read_manifest
+    from pipeline.dataset import eval_dataset, train_dataset
 
     m = read_manifest(real_ingest)
     h, w, c = m["image"]["height"], m["image"]["width"], m["image"]["channels"]
