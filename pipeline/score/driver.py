@@ -142,7 +142,7 @@ def spread_over_slots(spark: "SparkSession", scfg: ScoreConfig, df: "DataFrame")
 # --- the passes ----------------------------------------------------------------------------------
 
 def count_rows(spark: "SparkSession", df: "DataFrame", what: str) -> int:
-    set_job_description(spark, f"pixelmill score: count {what} rows")
+    set_job_description(spark, f"pixelmill score: count {what}")
     return df.count()
 
 
