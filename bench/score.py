@@ -182,7 +182,7 @@ def single_process(conn: Any, data_uri: str, model_dir: str, batch: int) -> None
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
 
-    from pipeline.preprocess import ImageSpec, Normalization, decode_batch, normalize_np
+    from pipeline.imaging.stored import ImageSpec, Normalization, decode_batch, normalize_np
 
     meta = json.loads(Path(model_dir[len("file://"):], "model.json").read_text())
     spec, norm = ImageSpec.from_manifest(meta), Normalization.from_dict(meta["normalization"])
@@ -195,7 +195,7 @@ def single_process(conn: Any, data_uri: str, model_dir: str, batch: int) -> None
     mean, std = tf.constant(norm.mean, tf.float32), tf.constant(norm.std, tf.float32)
 
     @tf.function(input_signature=[tf.TensorSpec((None,) + spec.shape, tf.float32)])
-    def same_fn(pixels):  # what pipeline.score.worker_model compiles
+    def same_fn(pixels):  # what pipeline.score.worker.make_predict_fn compiles
         return model((pixels - mean) / std, training=False)
 
     def run_same_fn() -> None:

@@ -40,6 +40,8 @@ ENV = "PIXELMILL_FAULT_INJECT"
 MARKER_ENV = "PIXELMILL_FAULT_MARKER"
 POINTS = ("ingest.batch", "score.batch", "train.step")
 ACTIONS = ("raise", "kill", "exit", "hang", "drop_row")
+#: What each point interrupts, named in the injected error (tests match "injected scoring fault").
+_WHAT = {"ingest.batch": "ingest", "score.batch": "scoring", "train.step": "training"}
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def fire(plan: Optional[FaultPlan], point: str, **context: int) -> bool:
     log.warning("fault injection: %s at %s %s", plan.action, point, context or "")
     sys.stderr.flush()
     if plan.action == "raise":
-        raise RuntimeError(f"{ENV}: injected failure at {point} {context or ''}".strip())
+        raise RuntimeError(f"{ENV}: injected {_WHAT[point]} fault at {point} {context or ''}".strip())
     if plan.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if plan.action == "exit":

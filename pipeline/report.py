@@ -1,17 +1,23 @@
 """A one-page HTML report of a pipeline run that a person can read in a minute.
 
 Built from what the stages committed (ingest manifest, model.json, history.csv,
-training_curves.png, _metrics.json, confusion_matrix.png); it recomputes
-nothing that a stage already measured.
+training_curves.png, _metrics.json, confusion_matrix.png), read through the
+contracts' readers and :mod:`pipeline.fs`; it recomputes nothing that a stage
+already measured.
 """
 from __future__ import annotations
 
 import csv
 import html
+import io
 import json
-import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
+
+from pipeline.contracts import (
+    CONFUSION_PNG, CURVES_PNG, HISTORY_CSV, METRICS_FILE, read_manifest, read_model_card,
+)
+from pipeline.fs import FileSystem, filesystem, join, to_uri
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -82,33 +88,34 @@ def summary_table(manifest: Mapping[str, Any], model_meta: Mapping[str, Any], me
     return "\n".join(lines)
 
 
+def _history(fs: FileSystem, uri: str) -> Tuple[List[str], List[List[Any]]]:
+    """``(columns, rows)`` of the training's history.csv, or nothing when it has none."""
+    if not fs.exists(uri):
+        return [], []
+    reader = csv.DictReader(io.StringIO(fs.read_text(uri)))
+    cols = list(reader.fieldnames or [])
+    return cols, [[r.get(c) for c in cols] for r in reader]
+
+
 def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir: Path,
                  stages: Mapping[str, Mapping[str, Any]], wall_seconds: float) -> Path:
     """Write ``out_dir/index.html`` (+ PNGs next to it); returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((Path(ingest_dir) / "_manifest.json").read_text())
-    model_meta = json.loads((Path(model_dir) / "model.json").read_text())
-    metrics = json.loads((Path(score_dir) / "_metrics.json").read_text())
+    model_uri, score_uri = to_uri(str(model_dir)), to_uri(str(score_dir))
+    model_fs, score_fs = filesystem(model_uri), filesystem(score_uri)
+    manifest = read_manifest(to_uri(str(ingest_dir)))
+    model_meta = read_model_card(model_fs, model_uri)
+    metrics = score_fs.read_json(join(score_uri, METRICS_FILE))
 
     images = {}
-    for name, src in (("training_curves.png", Path(model_dir) / "training_curves.png"),
-                      ("confusion_matrix.png", Path(score_dir) / "confusion_matrix.png")):
-        if src.is_file():
-            shutil.copyfile(src, out_dir / name)
+    for fs, src, name in ((model_fs, model_uri, CURVES_PNG), (score_fs, score_uri, CONFUSION_PNG)):
+        if fs.exists(join(src, name)):
+            fs.download(join(src, name), str(out_dir / name))
             images[name] = name
     if class_balance_png(manifest, out_dir / "class_balance.png"):
         images["class_balance.png"] = "class_balance.png"
-
-    history_rows: List[List[Any]] = []
-    hist = Path(model_dir) / "history.csv"
-    if hist.is_file():
-        with hist.open() as f:
-            reader = csv.DictReader(f)
-            cols = [c for c in (reader.fieldnames or [])]
-            history_rows = [[r.get(c) for c in cols] for r in reader]
-    else:
-        cols = []
+    cols, history_rows = _history(model_fs, join(model_uri, HISTORY_CSV))
 
     acc = metrics.get("accuracy")
     rejected = manifest.get("rejected") or {}
@@ -134,17 +141,19 @@ def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir:
     if "class_balance.png" in images:
         parts.append("<img src='class_balance.png' alt='class balance'>")
     parts.append("<h2>Training</h2>")
-    if "training_curves.png" in images:
-        parts.append("<img src='training_curves.png' alt='training curves'>")
+    if CURVES_PNG in images:
+        parts.append(f"<img src='{CURVES_PNG}' alt='training curves'>")
     if history_rows:
         parts.append(_table(cols, history_rows))
     parts.append("<h2>Test set</h2><div class='grid'><div>")
     parts.append(_table(["class", "precision", "recall", "F1", "support"], per_class_rows(metrics)))
     parts.append("</div><div>")
-    if "confusion_matrix.png" in images:
-        parts.append("<img src='confusion_matrix.png' alt='confusion matrix'>")
+    if CONFUSION_PNG in images:
+        parts.append(f"<img src='{CONFUSION_PNG}' alt='confusion matrix'>")
     parts.append("</div></div>")
-    parts.append(f"<h2>Provenance</h2><pre>{html.escape(json.dumps({'stack': model_meta.get('stack'), 'ingest_manifest_sha256': model_meta.get('ingest_manifest_sha256'), 'input': manifest.get('input_uri')}, indent=2))}</pre>")
+    provenance = {"stack": model_meta.get("stack"), "ingest_manifest_sha256": model_meta.get("ingest_manifest_sha256"),
+                  "input": manifest.get("input_uri")}
+    parts.append(f"<h2>Provenance</h2><pre>{html.escape(json.dumps(provenance, indent=2))}</pre>")
     parts.append("</body></html>")
     path = out_dir / "index.html"
     path.write_text("\n".join(parts))

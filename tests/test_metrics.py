@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import metrics
+from pipeline.score import metrics
 
 SCHEMA = "label string, pred_label string"
 CLASSES = ["cat", "dog", "fox"]

@@ -22,7 +22,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, OutputExistsError
 from pipeline.schema import IMAGE_COLUMNS, IMAGE_FIELDS, spark_schema
-from pipeline.storage import COMMIT_MARKER, STAGING_PREFIX
+from pipeline.contracts import COMMIT_MARKER, STAGING_PREFIX
 
 CLASSES = ("diagonal", "horizontal", "vertical")
 SIZE = 16
@@ -375,9 +375,15 @@ def test_existing_output_is_refused_unless_overwrite(spark, cfg, data, model_dir
 
 
 def _set_fault(spark, value: Optional[str]) -> None:
-    from pipeline.score import FAULT_PROPERTY
+    # '<action>:<partition>': that partition's first attempt fails after its first output batch.
+    # score.run reads the variable on the driver (in this process) when it plans the tasks.
+    from pipeline import faults
 
-    spark.sparkContext.setLocalProperty(FAULT_PROPERTY, value)
+    if value is None:
+        os.environ.pop(faults.ENV, None)
+        return
+    action, _, partition = value.partition(":")
+    os.environ[faults.ENV] = f"score.batch:{action}:partition={partition}:attempt=0"
 
 
 def test_interrupted_run_then_rerun_has_no_duplicates_and_no_missing_rows(spark, cfg, data, model_dir, scored_all,
@@ -434,8 +440,7 @@ def test_batch_header_check_accepts_exactly_what_the_per_image_check_and_decoder
     """The vectorised bomb check: only exact-size 8-bit PNGs of the right channels reach the fast decoder."""
     import pyarrow as pa
 
-    from pipeline.preprocess import ImageSpec, check_header, png_headers_match
-    from pipeline.score import _binary_layout
+    from pipeline.imaging.stored import ImageSpec, _binary_layout, check_header, png_headers_match
 
     rng = np.random.default_rng(1)
     rgb = _png(_stripes("vertical", rng, SIZE, 3))

@@ -21,16 +21,16 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from pipeline.storage import HadoopFS, join
+from pipeline.contracts import CONFUSION_PNG, METRICS_FILE, METRICS_VERSION
+from pipeline.fs import filesystem, join
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
 
-log = logging.getLogger(__name__)
+__all__ = ["CONFUSION_PNG", "METRICS_FILE", "METRICS_VERSION", "confusion_counts", "confusion_matrix",
+           "metrics_from_confusion", "evaluate", "evaluate_counts", "plot_confusion_matrix", "write_metrics"]
 
-METRICS_FILE = "_metrics.json"
-CONFUSION_PNG = "confusion_matrix.png"
-METRICS_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def confusion_counts(df: "DataFrame", *, label_col: str = "label", pred_col: str = "pred_label") -> Tuple[Dict[Tuple[str, str], int], int]:
@@ -163,21 +163,12 @@ def plot_confusion_matrix(classes: Sequence[str], matrix: Sequence[Sequence[int]
         plt.close(fig)
 
 
-def copy_from_local(spark: "SparkSession", local_file: str, uri: str) -> None:
-    """Copy a driver-local file to ``uri`` on any Hadoop filesystem."""
-    jvm = spark.sparkContext._jvm  # noqa: SLF001
-    conf = spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
-    dst = jvm.org.apache.hadoop.fs.Path(uri)
-    src = jvm.org.apache.hadoop.fs.Path("file://" + os.path.abspath(local_file))
-    # FileUtil.copy, not copyFromLocalFile: the latter casts file:// to LocalFileSystem, which
-    # fails when the session maps file:// to RawLocalFileSystem (pipeline.spark on local masters).
-    jvm.org.apache.hadoop.fs.FileUtil.copy(src.getFileSystem(conf), src, dst.getFileSystem(conf), dst, False, True, conf)
-
-
-def write_metrics(spark: "SparkSession", metrics: Mapping[str, Any], out_uri: str, *, title: str = "") -> None:
+def write_metrics(spark: Optional["SparkSession"], metrics: Mapping[str, Any], out_uri: str, *,
+                  title: str = "") -> None:
     """Write ``<out_uri>/_metrics.json`` and ``<out_uri>/confusion_matrix.png``."""
-    HadoopFS(spark).write_json(join(out_uri, METRICS_FILE), {"version": METRICS_VERSION, **metrics})
+    fs = filesystem(out_uri, spark)
+    fs.write_json(join(out_uri, METRICS_FILE), {"version": METRICS_VERSION, **metrics})
     with tempfile.TemporaryDirectory(prefix="pixelmill-cm-") as tmp:
         png = os.path.join(tmp, CONFUSION_PNG)
         plot_confusion_matrix(metrics["classes"], metrics["confusion_matrix"], png, title=title)
-        copy_from_local(spark, png, join(out_uri, CONFUSION_PNG))
+        fs.upload(png, join(out_uri, CONFUSION_PNG))
