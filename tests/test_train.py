@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError, DataError, TrainingError
-from pipeline.trainer import (
+from pipeline.train.worker import (
     EarlyStopping,
     checkpoints_to_delete,
     latest_complete,
@@ -304,7 +304,7 @@ def test_exported_model_loads_in_a_fresh_process_and_predicts(trained, ingested_
 @pytest.mark.slow
 def test_killed_rank_fails_fast_and_a_rerun_resumes(spark, sample_config, ingested_sample, tmp_path, monkeypatch):
     from pipeline import train
-    from pipeline.trainer import FAULT_ENV
+    from pipeline.train.worker import FAULT_ENV
 
     model_dir = "file://" + str(tmp_path / "model")
     cfg = _cfg(sample_config, epochs=2, step_timeout=60)

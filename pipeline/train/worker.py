@@ -4,8 +4,8 @@
 ingest manifest's hash), never the SparkSession. It:
 
 1. sets TensorFlow threading, pins the GPU Spark assigned to the task
-   (:mod:`pipeline.gpu`), and enables mixed precision when configured;
-2. builds the model (:mod:`pipeline.models`) from the ingest manifest;
+   (:mod:`pipeline.train.gpu`), and enables mixed precision when configured;
+2. builds the model (:mod:`pipeline.train.models`) from the ingest manifest;
 3. rank 0 restores the last complete checkpoint (weights, optimizer state,
    epoch, early-stopping state, history) and broadcasts everything;
 4. trains data-parallel with ``hvd.DistributedGradientTape`` (Keras 3 with
@@ -466,7 +466,7 @@ def train_fn(spec: Dict[str, Any]) -> Dict[str, Any]:
 def _pin_devices(tc: Any, local_rank: int) -> Tuple[Any, bool]:
     import tensorflow as tf
 
-    from pipeline.gpu import pin_gpu, select_gpu
+    from pipeline.train.gpu import pin_gpu, select_gpu
 
     try:
         from horovod.spark.task import get_available_devices
@@ -493,7 +493,7 @@ def _train(spec: Dict[str, Any], cfg: Any, hvd: Any, rank: int, size: int, local
     import tensorflow as tf
 
     from pipeline import dataset
-    from pipeline.models import build_model
+    from pipeline.train.models import build_model
     from pipeline.preprocess import ImageSpec
 
     t_start = time.time()

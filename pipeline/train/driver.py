@@ -3,7 +3,7 @@
 ``run(spark, cfg, *, data_uri, model_dir, mode)`` checks everything that can be
 checked before any executor works (a committed ingest output with train rows,
 enough row groups and task slots for ``train.num_proc``, a model-dir that
-matches the data), then runs :func:`pipeline.trainer.train_fn` in
+matches the data), then runs :func:`pipeline.train.worker.train_fn` in
 ``train.num_proc`` Spark tasks with ``horovod.spark.run`` (Gloo).
 
 ``horovod.spark.run`` runs watched by a watchdog thread: rank 0 rewrites
@@ -80,7 +80,7 @@ class _Progress:
     """Polls rank 0's ``_progress.json``: liveness for the watchdog, epoch lines for the log."""
 
     def __init__(self, model_dir: str, run_id: str) -> None:
-        from pipeline.trainer import PROGRESS, ModelDirStore
+        from pipeline.train.worker import PROGRESS, ModelDirStore
 
         # The same filesystem client the trainer writes with; no Py4J calls from this thread.
         self.store = ModelDirStore(model_dir)
@@ -113,7 +113,7 @@ class _Progress:
 
 def manifest_sha256(data_uri: str) -> str:
     """sha256 of the ingest manifest's bytes (what model.json records as ``ingest_manifest_sha256``)."""
-    from pipeline.trainer import ModelDirStore
+    from pipeline.train.worker import ModelDirStore
 
     return hashlib.sha256(ModelDirStore(data_uri).read_bytes("_manifest.json")).hexdigest()
 
@@ -167,7 +167,7 @@ def _existing_result(fs: HadoopFS, model_dir: str, cfg: "Config", fp: Mapping[st
 
     Also refuses to resume a model-dir trained on other data or another model.
     """
-    from pipeline.trainer import CHECKPOINTS, COMPLETE, latest_complete
+    from pipeline.train.worker import CHECKPOINTS, COMPLETE, latest_complete
 
     ckdir = join(model_dir, CHECKPOINTS)
     names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.list(ckdir)]
@@ -268,7 +268,7 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
             return done
     fs.mkdirs(model_dir)
 
-    from pipeline.trainer import FAULT_ENV, parse_fault
+    from pipeline.train.worker import FAULT_ENV, parse_fault
 
     try:
         fault = parse_fault(os.environ.get(FAULT_ENV))
@@ -325,7 +325,7 @@ def _launch(spark: "SparkSession", cfg: "Config", spec: Dict[str, Any], model_di
     import horovod.spark
     from horovod.spark.driver import job_id
 
-    from pipeline.trainer import train_fn
+    from pipeline.train.worker import train_fn
 
     tc = cfg.train
     tap = _OutputTap()
