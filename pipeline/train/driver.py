@@ -188,11 +188,9 @@ def _explain_failure(err: BaseException, tap: _OutputTap, cfg: "Config", model_d
         first = (text.strip().splitlines() or [type(err).__name__])[0][:300]
         return (f"training failed: {type(err).__name__}: {first}. Rerun with the same --model-dir {model_dir} "
                 "to resume from the last checkpoint")
-    why = ""
-    if code:
-        c = int(code.group(1))
-        sig = -c if c < 0 else (c - 128 if 128 < c < 160 else 0)  # Python's -N or the shell's 128+N
-        why = f" (exit code {c}{', killed by signal ' + str(sig) if sig else ''})"
+    c = int(code.group(1))
+    sig = -c if c < 0 else (c - 128 if 128 < c < 160 else 0)  # Python's -N or the shell's 128+N
+    why = f" (exit code {c}{', killed by signal ' + str(sig) if sig else ''})"
     who = f"Horovod process {name.group(1)}" if name else "a Horovod process"
     hint = next((line for line in reversed(tap.tail) if re.search(r"Error\b|error:", line)), "")
     hint = f"; last error: {hint.strip()[:300]}" if hint else ""

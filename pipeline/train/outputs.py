@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence
 
 from pipeline.contracts import (CHECKPOINTS_DIR, CURVES_PNG, HISTORY_CSV, TENSORBOARD_DIR, model_file_uri,
                                 write_model_card)
