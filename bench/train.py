@@ -11,7 +11,7 @@ one conv per block, 512 images per step) through ``pipeline.train.run`` on ``loc
 * ``num_proc=2``: per-process batch = half the global batch, 1 intra-op thread each.
 
 Images/s are steady state (the first epoch, with graph tracing and reader
-start-up, is excluded by the trainer). Scaling efficiency =
+start-up, is excluded by the training worker). Scaling efficiency =
 ``images/s(2) / (2 x images/s(1))``. Launch overhead = seconds from the
 ``horovod.spark.run`` call to the end of the first training step on rank 0.
 The last line is one JSON object; ``ratio`` is the efficiency.
@@ -52,12 +52,13 @@ def _config(num_proc: int, extra: tuple = ()) -> Any:
 
 def _prepare(spark: Any) -> str:
     from pipeline import ingest
+    from pipeline.contracts import COMMIT_MARKER
     from pipeline.sample_data import export_class_folders
 
     raw = CACHE / "raw"
     out = CACHE / "ingested"
     export_class_folders(raw, limit=LIMIT)
-    if not (out / "_PIXELMILL_COMMITTED").exists():
+    if not (out / COMMIT_MARKER).exists():
         ingest.run(spark, _config(2), input_uri=raw.as_uri(), output_uri=out.as_uri(), mode="overwrite")
     return "file://" + str(out)
 
@@ -68,12 +69,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
     from pipeline import train
+    from pipeline.contracts import read_manifest
     from pipeline.spark import build_session
 
     spark = build_session(_config(2).spark, app_suffix="bench-train")
     try:
         data = _prepare(spark)
-        manifest = json.loads((Path(data[len("file://"):]) / "_manifest.json").read_text())
+        manifest = read_manifest(data)
         rounds: List[Dict[int, Dict[str, Any]]] = []
         for r in range(ROUNDS):  # alternating, so both process counts see the same machine
             runs: Dict[int, Dict[str, Any]] = {}
@@ -111,7 +113,7 @@ def main() -> int:
         "ratio": round(eff, 3), "round_ratios": [round(e, 3) for e in effs], "rounds": ROUNDS,
         "images_per_second_np1": round(ips1, 1), "images_per_second_np2": round(ips2, 1),
         "launch_overhead_s": round(launch2, 3), "launch_overhead_s_np1": round(launch1, 3),
-        "global_batch": GLOBAL_BATCH, "epochs": EPOCHS, "train_rows": manifest["splits"].get("train"),
+        "global_batch": GLOBAL_BATCH, "epochs": EPOCHS, "train_rows": manifest.splits.get("train"),
         "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }))
     return 0

@@ -9,7 +9,7 @@ from typing import List
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.gpu import GpuChoice, gpu_addresses, select_gpu
+from pipeline.train.gpu import GpuChoice, gpu_addresses, select_gpu
 
 
 @dataclass

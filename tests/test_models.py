@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.models import MODEL_NAMES, build_model
+from pipeline.train.models import MODEL_NAMES, build_model
 
 
 @pytest.mark.parametrize("name, shape, classes", [("compact_cnn", (28, 28, 1), 10), ("compact_cnn", (64, 64, 3), 5),

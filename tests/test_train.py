@@ -16,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import faults
 from pipeline.errors import ConfigError, DataError, TrainingError
-from pipeline.trainer import (
-    EarlyStopping,
-    checkpoints_to_delete,
-    latest_complete,
-    learning_rate_at,
-    parse_fault,
-)
+from pipeline.train.checkpoints import checkpoints_to_delete, latest_complete
+from pipeline.train.schedule import EarlyStopping, learning_rate_at
 
 # --- pure logic ----------------------------------------------------------------------
 
@@ -41,6 +37,45 @@ def test_cosine_schedule_decays_from_the_peak_to_the_floor_after_warm_up():
     # warm-up 0.01 -> 0.02, then 0.02 -> 0.002 along a half cosine (midpoint 0.011), held at the floor.
     assert lrs == pytest.approx([0.01, 0.015, 0.02, 0.011, 0.002, 0.002])
     assert learning_rate_at(6, **{**kw, "schedule": "constant"}) == pytest.approx(0.02)
+
+
+def _hand_rolled_learning_rate(step, *, base_lr, size, warmup_steps, schedule="constant", total_steps=0,
+                               min_ratio=0.0):
+    """The schedule the trainer computed by hand before it used Keras' CosineDecay."""
+    import math
+
+    target = base_lr * size
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr + (target - base_lr) * (step / warmup_steps)
+    if schedule == "cosine" and total_steps > warmup_steps:
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        floor = target * min_ratio
+        return floor + (target - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return target
+
+
+@pytest.mark.parametrize("base_lr, size, steps, epochs, warmup_epochs, schedule, min_ratio", [
+    (0.0015, 2, 35, 6, 0.5, "cosine", 0.0),    # conf/fashion_mnist.yaml's schedule
+    (1e-3, 2, 3, 5, 1.0, "constant", 0.0),     # the tests' sample config
+    (0.01, 4, 17, 9, 1.5, "cosine", 0.1),
+    (0.01, 1, 10, 2, 0.0, "cosine", 0.0),      # no warm-up
+    (0.01, 2, 4, 1, 2.0, "cosine", 0.0),       # warm-up longer than the run: nothing left to decay
+])
+def test_keras_schedule_gives_the_hand_rolled_rates_over_a_whole_run(base_lr, size, steps, epochs, warmup_epochs,
+                                                                      schedule, min_ratio):
+    import numpy as np
+
+    from pipeline.train.schedule import learning_rate_schedule
+
+    kw = dict(base_lr=base_lr, size=size, warmup_steps=int(round(warmup_epochs * steps)), schedule=schedule,
+              total_steps=steps * epochs, min_ratio=min_ratio)
+    rate = learning_rate_schedule(**kw)
+    run = range(steps * epochs + 2)  # every step of the run, and past its end
+    keras_rates = np.array([float(rate(s)) for s in run])
+    hand_rates = np.array([_hand_rolled_learning_rate(s, **kw) for s in run])
+    np.testing.assert_allclose(keras_rates, hand_rates, rtol=1e-12, atol=0)
+    # What the optimizer applies is the float32 rounding: identical, step by step.
+    assert (keras_rates.astype(np.float32) == hand_rates.astype(np.float32)).all()
 
 
 def test_early_stopping_state_survives_a_resume():
@@ -79,11 +114,14 @@ def test_checkpoint_pruning_keeps_newest_and_best():
         ".tmp-epoch-0007-ff00", "epoch-0001", "epoch-0003", "epoch-0004"]
 
 
-def test_fault_spec_parsing():
-    assert parse_fault("kill:rank=1:epoch=2:step=3") == {"action": "kill", "rank": 1, "epoch": 2, "step": 3}
-    assert parse_fault(None) is None
-    with pytest.raises(ValueError, match="kill or hang"):
-        parse_fault("explode:rank=1")
+def test_fault_spec_parsing(monkeypatch):
+    # PIXELMILL_TRAIN_FAULT='kill:rank=1:epoch=2:step=3' became the one mechanism's train.step point.
+    assert faults.parse("train.step:kill:rank=1:epoch=2:step=3") == faults.FaultPlan(
+        "train.step", "kill", when={"rank": 1, "epoch": 2, "step": 3})
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.armed() is None
+    with pytest.raises(ConfigError, match="an action of raise, kill, exit, hang, drop_row"):
+        faults.parse("train.step:explode:rank=1")
 
 
 # --- validation before launch (real Spark, no Horovod) ----------------------------------
@@ -280,7 +318,7 @@ def test_exported_model_loads_in_a_fresh_process_and_predicts(trained, ingested_
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.preprocess import ImageSpec, Normalization, decode_batch, normalize_np
+    from pipeline.imaging.stored import ImageSpec, Normalization, decode_batch, normalize_np
 
     info = json.loads((trained["dir"] / "model.json").read_text())
     table = pq.read_table(Path(ingested_sample[len("file://"):]) / "images" / "split=val")
@@ -304,11 +342,11 @@ def test_exported_model_loads_in_a_fresh_process_and_predicts(trained, ingested_
 @pytest.mark.slow
 def test_killed_rank_fails_fast_and_a_rerun_resumes(spark, sample_config, ingested_sample, tmp_path, monkeypatch):
     from pipeline import train
-    from pipeline.trainer import FAULT_ENV
+    from pipeline.faults import ENV as FAULT_ENV
 
     model_dir = "file://" + str(tmp_path / "model")
     cfg = _cfg(sample_config, epochs=2, step_timeout=60)
-    monkeypatch.setenv(FAULT_ENV, "kill:rank=1:epoch=2:step=2")
+    monkeypatch.setenv(FAULT_ENV, "train.step:kill:rank=1:epoch=2:step=2")
     t0 = time.monotonic()
     with pytest.raises(TrainingError) as exc:
         train.run(spark, cfg, data_uri=ingested_sample, model_dir=model_dir, mode="resume")

@@ -1,54 +1,56 @@
 """Driver side of training: validate, launch Horovod on Spark, watch it, report.
 
-``run(spark, cfg, *, data_uri, model_dir, mode)`` checks everything that can be
-checked before any executor works (a committed ingest output with train rows,
-enough row groups and task slots for ``train.num_proc``, a model-dir that
-matches the data), then runs :func:`pipeline.trainer.train_fn` in
-``train.num_proc`` Spark tasks with ``horovod.spark.run`` (Gloo).
+``run(spark, cfg, *, data_uri, model_dir, mode)`` checks everything that can be checked
+before any executor works (a committed ingest output with train rows, enough row groups
+and task slots for ``train.num_proc``, a model-dir that matches the data), then runs
+:func:`pipeline.train.worker.train_fn` in ``train.num_proc`` Spark tasks with
+``horovod.spark.run`` (Gloo).
 
-``horovod.spark.run`` runs watched by a watchdog thread: rank 0 rewrites
-``<model_dir>/_progress.json`` while steps complete (the driver logs its epoch
-lines as they come). No progress within ``train.start_timeout`` +
-``train.step_timeout`` of the launch, or for ``train.step_timeout`` later, and
-the watchdog cancels the Spark job group and fails with one line naming the
-key to raise. A killed Horovod process makes its peers' collectives fail at
-once (Gloo sees the closed socket; ``HOROVOD_GLOO_TIMEOUT_SECONDS`` bounds the
-wait when a machine vanishes without closing sockets), so the job fails fast
-and a rerun with the same ``--model-dir`` resumes from the last checkpoint.
+``horovod.spark.run`` runs watched by :class:`pipeline.train.progress.Watchdog`: rank 0
+rewrites ``<model_dir>/_progress.json`` while steps complete (the driver logs its epoch
+lines as they come). No progress within ``train.start_timeout`` + ``train.step_timeout`` of
+the launch, or for ``train.step_timeout`` later, and the watchdog cancels the Spark job
+group and the run fails with one line naming the key to raise. A killed Horovod process
+makes its peers' collectives fail at once (Gloo sees the closed socket;
+``HOROVOD_GLOO_TIMEOUT_SECONDS`` bounds the wait when a machine vanishes without closing
+sockets), so the job fails fast and a rerun with the same ``--model-dir`` resumes from the
+last checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
-import threading
 import sys
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
+from pipeline import faults
+from pipeline.contracts import MODEL_CARD, manifest_sha256, model_file_uri, read_manifest, read_model_card
 from pipeline.errors import ConfigError, DataError, InvariantError, TrainingError
-from pipeline.storage import COMMIT_MARKER, HadoopFS, join, to_uri
+from pipeline.fs import filesystem, join, to_uri
+from pipeline.train import checkpoints
+from pipeline.train.progress import ProgressReader, Watchdog
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
     from pipeline.config import Config
+    from pipeline.contracts import IngestManifest
+    from pipeline.fs import FileSystem
 
 log = logging.getLogger(__name__)
 
 MODES = ("resume", "overwrite")
-#: Seconds the driver waits for Horovod's own shutdown after the watchdog cancelled the job.
-CANCEL_GRACE_S = 30.0
 
 
 class _OutputTap:
     """A file-like sink for Horovod's forwarded stdout/stderr: logs lines, keeps the tail for errors.
 
     Horovod forwards output in 64 KB chunks, so these lines arrive late; live
-    progress comes from :class:`_Progress`.
+    progress comes from :class:`pipeline.train.progress.ProgressReader`.
     """
 
     def __init__(self) -> None:
@@ -76,50 +78,13 @@ class _OutputTap:
         return False
 
 
-class _Progress:
-    """Polls rank 0's ``_progress.json``: liveness for the watchdog, epoch lines for the log."""
+def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str,
+                    mode: str) -> "IngestManifest":
+    """Everything checked before launching; returns the ingest manifest.
 
-    def __init__(self, model_dir: str, run_id: str) -> None:
-        from pipeline.trainer import PROGRESS, ModelDirStore
-
-        # The same filesystem client the trainer writes with; no Py4J calls from this thread.
-        self.store = ModelDirStore(model_dir)
-        self.name = PROGRESS
-        self.run_id = run_id
-        self.seq = -1
-        self.logged = 0
-        self.last_beat: Optional[float] = None
-
-    def clear(self) -> None:
-        if self.store.exists(self.name):
-            self.store.fs.delete_file(self.store.path(self.name))
-
-    def poll(self) -> None:
-        try:
-            if not self.store.exists(self.name):
-                return
-            data = json.loads(self.store.read_bytes(self.name))
-        except Exception:  # noqa: BLE001 - half-visible file on an eventually consistent store
-            return
-        if data.get("run_id") != self.run_id or data.get("seq") == self.seq:
-            return
-        self.seq = data["seq"]
-        self.last_beat = time.monotonic()
-        lines = data.get("epoch_lines") or []
-        for line in lines[self.logged:]:
-            log.info("%s", line)
-        self.logged = len(lines)
-
-
-def manifest_sha256(data_uri: str) -> str:
-    """sha256 of the ingest manifest's bytes (what model.json records as ``ingest_manifest_sha256``)."""
-    from pipeline.trainer import ModelDirStore
-
-    return hashlib.sha256(ModelDirStore(data_uri).read_bytes("_manifest.json")).hexdigest()
-
-
-def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, mode: str) -> Dict[str, Any]:
-    """Everything checked before launching; returns the ingest manifest."""
+    :func:`pipeline.contracts.read_manifest` checks that ``data_uri`` is a committed ingest
+    output; the checks here are training's own: classes, train rows, row groups, one global batch.
+    """
     from pipeline.spark import is_local_master, wait_for_task_slots
 
     tc = cfg.train
@@ -132,27 +97,30 @@ def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, mode
         waited = "" if is_local_master(spark.sparkContext.master) else f" within train.start_timeout={tc.start_timeout}s"
         raise ConfigError(f"train.num_proc={tc.num_proc} needs {tc.num_proc} concurrent Spark task slots but the "
                           f"cluster offers {slots}{waited}: lower train.num_proc (--num-proc) or add executors/cores")
-    fs = HadoopFS(spark)
-    if not fs.exists(join(data_uri, COMMIT_MARKER)) or not fs.exists(join(data_uri, "_manifest.json")):
-        raise DataError(f"--data {data_uri} is not a committed ingest output (no {COMMIT_MARKER} or _manifest.json): "
-                        "run the ingest job first")
-    manifest = fs.read_json(join(data_uri, "_manifest.json"))
-    classes = manifest.get("classes") or {}
-    splits = manifest.get("splits") or {}
-    if len(classes) < 2:
-        raise DataError(f"--data {data_uri} has {len(classes)} class(es): training needs at least 2 labelled classes")
-    if int(splits.get("train", 0)) < 1:
+    manifest = read_manifest(data_uri, spark=spark)
+    train_rows, groups = int(manifest.splits.get("train", 0)), int(manifest.row_groups.get("train", 0))
+    if len(manifest.classes) < 2:
+        raise DataError(f"--data {data_uri} has {len(manifest.classes)} class(es): training needs at least 2 "
+                        "labelled classes")
+    if train_rows < 1:
         raise DataError(f"--data {data_uri} has no rows in the train split: check ingest.split_fractions")
-    groups = int((manifest.get("row_groups") or {}).get("train", 0))
     if groups and groups < tc.num_proc:
         raise DataError(f"the train split has {groups} row group(s), fewer than train.num_proc={tc.num_proc}: "
                         f"lower train.num_proc or re-run ingest with ingest.max_train_procs >= {tc.num_proc}")
-    if int(splits.get("train", 0)) < tc.batch_size * tc.num_proc:
-        raise DataError(f"the train split has {splits.get('train')} rows, fewer than one global batch "
+    if train_rows < tc.batch_size * tc.num_proc:
+        raise DataError(f"the train split has {train_rows} rows, fewer than one global batch "
                         f"(train.batch_size={tc.batch_size} x train.num_proc={tc.num_proc}): lower train.batch_size")
-    if int(splits.get("val", 0)) < 1:
+    if int(manifest.splits.get("val", 0)) < 1:
         log.warning("--data %s has no val split: early stopping watches the train metric instead", data_uri)
     return manifest
+
+
+def _model_dir_fs(model_dir: str) -> "FileSystem":
+    """The model-dir through pyarrow: what the Horovod processes (no JVM) and the watchdog thread use."""
+    try:
+        return filesystem(model_dir)
+    except ConfigError as e:
+        raise ConfigError(f"--model-dir cannot be opened by the training processes, which have no JVM: {e}") from None
 
 
 def fingerprint(cfg: "Config", manifest: Mapping[str, Any], manifest_sha: str) -> Dict[str, Any]:
@@ -162,35 +130,31 @@ def fingerprint(cfg: "Config", manifest: Mapping[str, Any], manifest_sha: str) -
             "mixed_precision": cfg.train.mixed_precision}
 
 
-def _existing_result(fs: HadoopFS, model_dir: str, cfg: "Config", fp: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+def _existing_result(fs: "FileSystem", model_dir: str, cfg: "Config",
+                     fp: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     """When ``model_dir`` already holds a finished run of this config, its summary; else None.
 
     Also refuses to resume a model-dir trained on other data or another model.
     """
-    from pipeline.trainer import CHECKPOINTS, COMPLETE, latest_complete
-
-    ckdir = join(model_dir, CHECKPOINTS)
-    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.list(ckdir)]
-    complete = [n for n in names if fs.exists(join(ckdir, n, COMPLETE))]
-    found = latest_complete(names, complete)
+    found = checkpoints.find_latest(fs, model_dir)
     if found is None:
         return None
-    state = fs.read_json(join(ckdir, found[1], "state.json"))
+    state = checkpoints.read_state(fs, model_dir, found[1])
     if state.get("fingerprint") != dict(fp):
         raise ConfigError(f"--model-dir {model_dir} holds checkpoints of another dataset or model: "
                           "pass --mode overwrite to start fresh, or choose another --model-dir")
-    done = bool(state["early_stopping"].get("stopped")) or int(state["epoch"]) >= cfg.train.epochs
-    if not done or not fs.exists(join(model_dir, "model.json")):
+    stopped = bool(state["early_stopping"].get("stopped"))
+    if not (stopped or int(state["epoch"]) >= cfg.train.epochs) or not fs.exists(join(model_dir, MODEL_CARD)):
         log.info("resuming: last complete checkpoint is %s (epoch %d of %d)", found[1], state["epoch"],
                  cfg.train.epochs)
         return None
-    info = fs.read_json(join(model_dir, "model.json"))
+    card = read_model_card(fs, model_dir)
     log.info("%s already holds a finished run (%d epochs%s): nothing to do (pass --mode overwrite to retrain)",
-             model_dir, state["epoch"], ", stopped early" if state["early_stopping"].get("stopped") else "")
-    return {"model_dir": model_dir, "model_uri": join(model_dir, "model", "model.keras"),
-            "model_id": info["model_id"], "epochs_completed": info["epochs_completed"],
-            "exported_epoch": info.get("exported_epoch"), "stopped_early": info.get("stopped_early", False),
-            "metrics": info["metrics"], "resumed_from": found[1], "epochs_run": 0, "skipped": True,
+             model_dir, state["epoch"], ", stopped early" if stopped else "")
+    return {"model_dir": model_dir, "model_uri": model_file_uri(model_dir),
+            "model_id": card.model_id, "epochs_completed": card.epochs_completed,
+            "exported_epoch": card.get("exported_epoch"), "stopped_early": card.get("stopped_early", False),
+            "metrics": card.metrics, "resumed_from": found[1], "epochs_run": 0, "skipped": True,
             "num_proc": cfg.train.num_proc}
 
 
@@ -224,11 +188,9 @@ def _explain_failure(err: BaseException, tap: _OutputTap, cfg: "Config", model_d
         first = (text.strip().splitlines() or [type(err).__name__])[0][:300]
         return (f"training failed: {type(err).__name__}: {first}. Rerun with the same --model-dir {model_dir} "
                 "to resume from the last checkpoint")
-    why = ""
-    if code:
-        c = int(code.group(1))
-        sig = -c if c < 0 else (c - 128 if 128 < c < 160 else 0)  # Python's -N or the shell's 128+N
-        why = f" (exit code {c}{', killed by signal ' + str(sig) if sig else ''})"
+    c = int(code.group(1))
+    sig = -c if c < 0 else (c - 128 if 128 < c < 160 else 0)  # Python's -N or the shell's 128+N
+    why = f" (exit code {c}{', killed by signal ' + str(sig) if sig else ''})"
     who = f"Horovod process {name.group(1)}" if name else "a Horovod process"
     hint = next((line for line in reversed(tap.tail) if re.search(r"Error\b|error:", line)), "")
     hint = f"; last error: {hint.strip()[:300]}" if hint else ""
@@ -255,8 +217,8 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
     t0 = time.time()
     data_uri, model_dir = to_uri(data_uri), to_uri(model_dir)
     manifest = validate_inputs(spark, cfg, data_uri=data_uri, model_dir=model_dir, mode=mode)
-    fs = HadoopFS(spark)
-    manifest_sha = manifest_sha256(data_uri)
+    fs = _model_dir_fs(model_dir)
+    manifest_sha = manifest_sha256(data_uri, filesystem(data_uri, spark))
     fp = fingerprint(cfg, manifest, manifest_sha)
     if mode == "overwrite" and fs.exists(model_dir):
         log.warning("--mode overwrite: deleting %s", model_dir)
@@ -267,39 +229,38 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
             done["timings"] = {"total_s": round(time.time() - t0, 3)}
             return done
     fs.mkdirs(model_dir)
+    spec = {"run_id": uuid.uuid4().hex, "data_uri": data_uri, "model_dir": model_dir, "cfg": cfg.to_dict(),
+            "manifest_sha256": manifest_sha, "fingerprint": fp, "fault": faults.armed(),
+            "num_proc": cfg.train.num_proc}
+    results = _launch(spark, cfg, spec, fs)
+    summary = _summary(results, model_dir, launched_unix=spec["_launched_unix"], t0=t0)
+    log.info("training done: %d epochs (%d this run), %s, model %s", summary["epochs_completed"],
+             summary["epochs_run"], ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items())),
+             summary["model_uri"])
+    return summary
 
-    from pipeline.trainer import FAULT_ENV, parse_fault
 
-    try:
-        fault = parse_fault(os.environ.get(FAULT_ENV))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    spec = {"run_id": uuid.uuid4().hex, "data_uri": data_uri, "model_dir": model_dir, "cfg": cfg.to_dict(), "manifest_sha256": manifest_sha,
-            "fingerprint": fp, "fault": fault, "num_proc": cfg.train.num_proc}
-    results = _launch(spark, cfg, spec, model_dir)
-
+def _summary(results: List[Dict[str, Any]], model_dir: str, *, launched_unix: float, t0: float) -> Dict[str, Any]:
+    """The run's summary from the ranks' results (rank 0's carries the training outcome)."""
     digests = sorted({r["weights_sha256"] for r in results})
     if len(digests) != 1:
         raise InvariantError(f"Horovod ranks finished with different weights ({len(digests)} digests): "
                              "a rank trained on its own; check that every rank ran the same number of steps")
     head = next(r for r in results if r["rank"] == 0)
-    t_launch = spec["_launched_unix"]
-    summary = {
-        "model_dir": model_dir, "model_uri": join(model_dir, "model", "model.keras"), "model_id": head["model_id"],
+    return {
+        "model_dir": model_dir, "model_uri": model_file_uri(model_dir), "model_id": head["model_id"],
         "epochs_completed": head["epochs_completed"], "epochs_run": head["epochs_run"],
         "exported_epoch": head["exported_epoch"], "best_epoch": head["best_epoch"],
         "stopped_early": head["stopped_early"], "resumed_from": head["resumed_from"], "metrics": head["metrics"],
-        "num_proc": len(results), "weights_sha256": [r["weights_sha256"] for r in sorted(results, key=lambda r: r["rank"])],
+        "num_proc": len(results),
+        "weights_sha256": [r["weights_sha256"] for r in sorted(results, key=lambda r: r["rank"])],
         "images_per_second": head["images_per_second"], "skipped": False,
         "timings": {
             "total_s": round(time.time() - t0, 3),
-            "launch_overhead_s": (round(head["first_step_unix"] - t_launch, 3) if head["first_step_unix"] else None),
+            "launch_overhead_s": (round(head["first_step_unix"] - launched_unix, 3) if head["first_step_unix"]
+                                  else None),
         },
     }
-    log.info("training done: %d epochs (%d this run), %s, model %s", summary["epochs_completed"],
-             summary["epochs_run"], ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items())),
-             summary["model_uri"])
-    return summary
 
 
 def _executor_python(spark: "SparkSession") -> str:
@@ -312,77 +273,48 @@ def _executor_python(spark: "SparkSession") -> str:
     return (conf.get("spark.pyspark.python", None) or os.environ.get("PYSPARK_PYTHON") or sys.executable)
 
 
-def _launch(spark: "SparkSession", cfg: "Config", spec: Dict[str, Any], model_dir: str) -> List[Dict[str, Any]]:
-    """``horovod.spark.run`` watched by a watchdog thread; returns the per-rank results.
+def _launch(spark: "SparkSession", cfg: "Config", spec: Dict[str, Any], fs: "FileSystem") -> List[Dict[str, Any]]:
+    """``horovod.spark.run`` watched by a :class:`Watchdog`; returns the per-rank results.
 
-    Horovod installs signal handlers, so it must run in the main thread; the
-    watchdog runs beside it and, when progress stops, cancels the Spark job
-    group (which ends the Horovod tasks) and, if Horovod still has not
-    returned after a grace period, interrupts the main thread.
+    Horovod installs signal handlers, so it must run in the main thread; the watchdog runs
+    beside it and, when progress stops, cancels the Spark job group (which ends the Horovod
+    tasks) and, if Horovod still has not returned after a grace period, interrupts the main
+    thread.
     """
     import _thread
 
     import horovod.spark
     from horovod.spark.driver import job_id
 
-    from pipeline.trainer import train_fn
+    from pipeline.train.worker import train_fn
 
-    tc = cfg.train
+    tc, model_dir = cfg.train, spec["model_dir"]
     tap = _OutputTap()
-    progress = _Progress(model_dir, spec["run_id"])
+    progress = ProgressReader(fs, model_dir, spec["run_id"])
     progress.clear()
     sc = spark.sparkContext
     sc.setJobDescription(f"pixelmill train {tc.num_proc} Horovod process(es) -> {model_dir}")
     group = f"horovod.spark.run.{job_id.JOB_ID + 1}"  # the group horovod.spark.run is about to use
-    done = threading.Event()
-    verdict: Dict[str, str] = {}
-
-    def watchdog() -> None:
-        started = time.monotonic()
-        while not done.wait(1.0):
-            progress.poll()
-            now = time.monotonic()
-            reason = None
-            if progress.last_beat is None:
-                if now - started > tc.start_timeout + tc.step_timeout:
-                    reason = (f"no training progress within train.start_timeout + train.step_timeout = "
-                              f"{tc.start_timeout + tc.step_timeout}s of the launch: a Horovod process is stuck or "
-                              "dead (raise train.start_timeout if the cluster is slow to start)")
-            elif now - progress.last_beat > tc.step_timeout:
-                reason = (f"no training progress for train.step_timeout={tc.step_timeout}s: a Horovod process is "
-                          "stuck or dead (raise train.step_timeout if one step or one validation legitimately "
-                          f"takes longer). Rerun with the same --model-dir {model_dir} to resume")
-            if reason:
-                verdict["reason"] = reason
-                log.error("%s; cancelling Spark job group %s", reason, group)
-                sc.cancelJobGroup(group)
-                if not done.wait(CANCEL_GRACE_S):
-                    log.error("Horovod did not stop %ds after the cancel: interrupting the driver", CANCEL_GRACE_S)
-                    _thread.interrupt_main()
-                return
-
+    dog = Watchdog(progress, start_timeout=tc.start_timeout, step_timeout=tc.step_timeout, model_dir=model_dir,
+                   group=group, cancel=lambda: sc.cancelJobGroup(group), interrupt=_thread.interrupt_main)
     spec["_launched_unix"] = time.time()
-    dog = threading.Thread(target=watchdog, name="pixelmill-train-watchdog", daemon=True)
-    dog.start()
     log.info("launching %d Horovod process(es) (Spark job group %s); start_timeout %ds, step_timeout %ds",
              tc.num_proc, group, tc.start_timeout, tc.step_timeout)
     try:
-        results = horovod.spark.run(
-            train_fn, args=(spec,), num_proc=tc.num_proc, start_timeout=tc.start_timeout,
-            use_gloo=True, nics=list(tc.nics) if tc.nics else None, env=horovod_env(cfg),
-            stdout=tap, stderr=tap, verbose=1 if tc.verbose >= 2 else 0,
-            executable=_executor_python(spark))
+        with dog:
+            results = horovod.spark.run(
+                train_fn, args=(spec,), num_proc=tc.num_proc, start_timeout=tc.start_timeout,
+                use_gloo=True, nics=list(tc.nics) if tc.nics else None, env=horovod_env(cfg),
+                stdout=tap, stderr=tap, verbose=1 if tc.verbose >= 2 else 0,
+                executable=_executor_python(spark))
     except BaseException as err:  # noqa: BLE001 - every failure becomes one line
-        if "reason" in verdict:
-            raise TrainingError(verdict["reason"]) from err
+        if dog.reason:
+            raise TrainingError(dog.reason) from err
         if isinstance(err, KeyboardInterrupt):
             sc.cancelJobGroup(group)
             raise
         raise TrainingError(_explain_failure(err, tap, cfg, model_dir)) from err
-    finally:
-        done.set()
-        progress.poll()
-    if "reason" in verdict:  # pragma: no cover - cancelled right as it finished
-        raise TrainingError(verdict["reason"])
+    if dog.reason:  # pragma: no cover - cancelled right as it finished
+        raise TrainingError(dog.reason)
     progress.clear()  # kept after a failure: it shows where training stopped
     return list(results)
