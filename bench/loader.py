@@ -152,7 +152,7 @@ def child(kind: str, overrides: List[str]) -> Dict[str, Any]:
     elif kind == "train_step":
         import keras
 
-        from pipeline.models import build_model
+        from pipeline.train.models import build_model
 
         model = build_model(cfg.train.model, (28, 28, 1), 10, dropout=cfg.train.dropout)
         opt = keras.optimizers.Adam(cfg.train.learning_rate)

@@ -10,7 +10,7 @@ Prepares its own data in ``bench/.cache/score/`` (git-ignored), once:
   ``apt-get download`` + ``dpkg -x`` into the cache; synthetic images only if both fail —
   the JSON line says which in ``data``) stored as 28x28 grayscale PNGs, 4 files of
   2048-row row groups;
-* the project's default model (``pipeline.models`` ``compact_cnn`` for 28x28x1, 10 classes)
+* the project's default model (``pipeline.train.models`` ``compact_cnn`` for 28x28x1, 10 classes)
   with untrained weights, exported as ``model/model.keras`` + ``model.json`` (weights do
   not change throughput).
 
@@ -140,7 +140,7 @@ def build_model():
     """The project's default model (``train.model: compact_cnn``), untrained."""
     import keras
 
-    from pipeline.models import build_model as project_model
+    from pipeline.train.models import build_model as project_model
 
     keras.utils.set_random_seed(0)
     return project_model("compact_cnn", (28, 28, 1), len(CLASSES))

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 
 from pipeline.config import Config, load_config
 from pipeline.errors import PixelmillError
-from pipeline.storage import to_uri
+from pipeline.fs import to_uri
 
 log = logging.getLogger("pipeline")
 STAGES = ("ingest", "train", "score")

@@ -81,7 +81,7 @@ DAGBAG_PROBE = """
     bag = DagBag(dag_folder=sys.argv[1] if len(sys.argv) > 1 else %r)
     dag = bag.dags.get("pixelmill")
     # pixelmill's CLI contract and orchestration helpers may load; its stages and their libraries may not
-    light = ("pipeline", "pipeline.cli", "pipeline.config", "pipeline.errors", "pipeline.storage",
+    light = ("pipeline", "pipeline.cli", "pipeline.config", "pipeline.errors", "pipeline.fs",
              "pipeline.orchestration", "pipeline.orchestration_airflow")
     heavy = sorted([m for m in ("tensorflow", "horovod", "petastorm", "PIL", "pyspark", "pandas", "keras", "numpy",
                                 "pyarrow") if m in sys.modules]

@@ -237,7 +237,7 @@ _WORKER_DECODERS: Dict["ImageSpec", Any] = {}
 def worker_decoder(spec: ImageSpec) -> Any:
     """A ``tf.function`` decoding a batch of encoded PNGs to float32 ``(n, h, w, c)`` 0..255 pixels.
 
-    Only for images whose header :func:`pipeline.preprocess.png_headers_match` accepted
+    Only for images whose header :func:`png_headers_match` accepted
     (exact size, 8-bit, ``spec.channels``): the bomb check happens before, on the whole batch.
     """
     hit = _WORKER_DECODERS.get(spec)
