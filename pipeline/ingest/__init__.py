@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Tuple
 
 from pipeline import faults
 from pipeline.commit import atomic_output, check_output_mode
@@ -213,7 +213,7 @@ def _dedup(df: "DataFrame", prior: Optional[_Prior]) -> "DataFrame":
 
 def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFrame", held: contextlib.ExitStack,
              timings: Dict[str, float]) -> _Outputs:
-    """Run the cleaning (one aggregation), count every file, and derive the frames the load step writes."""
+    """Run the cleaning (one aggregation), count every file and check the count; the frames to write."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -222,11 +222,11 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     t = time.perf_counter()
     set_job_description(spark, f"ingest: clean {listing.files_seen} files")
     groups = accounting.group_counts(resolved)
-    if sum(g["n"] for g in groups) < listing.files_seen:
+    scanned = sum(g["n"] for g in groups)
+    if scanned < listing.files_seen:
         # Spark's scan skips zero-byte files: only now, and only when some are missing, the
         # listing is compared with the scanned paths (one path-only pass, no content read).
-        log.info("ingest: %d listed files never reach the scan (0 bytes)",
-                 listing.files_seen - sum(g["n"] for g in groups))
+        log.info("ingest: %d listed files never reach the scan (0 bytes)", listing.files_seen - scanned)
         unscanned = extract.unscanned_files(spark, listing).transform(_per_file, job, prior)
         unscanned = _persisted(held, unscanned.select(
             *[F.col(c) if c in unscanned.columns else F.lit(None).cast(resolved.schema[c].dataType).alias(c)
@@ -241,17 +241,25 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     accounting.check_run_accounted(listing.files_seen, run_)
     total = accounting.totals(prior.manifest if prior else None, run_, listing.files_seen, job.cfg,
                               ImageOptions.from_config(job.cfg).channels)
+    return _Outputs(*_to_write(resolved, prior, total.classes), run_, total)
+
+
+def _to_write(resolved: "DataFrame", prior: Optional[_Prior],
+              classes: Dict[str, int]) -> Tuple["DataFrame", "DataFrame"]:
+    """``(images, rejects)`` of the whole output: this run's accepted / rejected rows plus the prior ones."""
+    from pyspark.sql import functions as F
+
     images = (
         resolved.filter(F.col("reason").isNull())
         .select(*[c for c in IMAGE_COLUMNS if c != "label_index"])
-        .transform(transform.with_label_index, total.classes)
+        .transform(transform.with_label_index, classes)
         .select(*IMAGE_COLUMNS)
     )
     rejects = resolved.filter(F.col("reason").isNotNull() & (F.col("reason") != ALREADY_INGESTED)).select(*REJECT_COLUMNS)
     if prior is not None:
         images = images.unionByName(prior.images.select(*IMAGE_COLUMNS))
         rejects = rejects.unionByName(prior.rejects.select(*REJECT_COLUMNS))
-    return _Outputs(images, rejects, run_, total)
+    return images, rejects
 
 
 def _persisted(held: contextlib.ExitStack, df: "DataFrame", level: Any) -> "DataFrame":
