@@ -13,16 +13,16 @@ Prepares its own data in ``bench/.cache/`` (git-ignored), once:
 Per dataset it measures, in this process, side by side:
 
 * **plain**: ``multiprocessing.Pool(2)`` over the files, each worker reading the bytes and
-  running the same :mod:`pipeline.images` work as the Spark job (sha256, layout/label,
-  hash split, validate/normalise/resize/re-encode, pixel sums); results returned to the
-  parent (no Parquet written: the baseline is the per-image work alone);
+  running the same work as the Spark job (sha256, :func:`pipeline.ingest.layout.place`,
+  :func:`pipeline.imaging.clean.clean_image`: validate/normalise/resize/re-encode, pixel sums);
+  results returned to the parent (no Parquet written: the baseline is the per-image work alone);
 * **spark**: ``pipeline.ingest.run`` end to end on ``local[2]`` (warm session: listing,
   cleaning, dedup, shuffle within split, Parquet write, reconcile, commit).
 
-* **floor**: the least a job built this way can cost: the same listing, scan sizing and
-  ``clean_batches`` function in ``mapInPandas``, output discarded (``noop`` sink): no duplicate
-  resolution, no Parquet, no reconcile. ``ratio_floor`` = floor / plain bounds ``ratio`` from
-  above: the target is out of reach for any such job when ``ratio_floor`` is below it.
+* **floor**: the least a job built this way can cost: the job's own extract step
+  (:mod:`pipeline.ingest.extract`: listing, scan sizing, ``clean_batches`` in ``mapInPandas``),
+  output discarded (``noop`` sink): no duplicate resolution, no Parquet, no reconcile.
+  ``ratio_floor`` = floor / plain bounds ``ratio`` from above: the target is out of reach for any such job when ``ratio_floor`` is below it.
 
 Each is run ``REPEATS`` times (default 3), alternating plain/spark/floor so all see the same machine
 load (other jobs share the 2 cores); the median of each is reported, with the load average. The last line of
@@ -130,27 +130,26 @@ _CTX: Dict[str, Any] = {}
 
 
 def _init_worker(opts: Any, root_uri: str, fractions: Dict[str, float], seed: int) -> None:
-    _CTX.update(opts=opts, root=root_uri, fractions=fractions, seed=seed)
+    _CTX.update(opts=opts, where=dict(root_uri=root_uri, label_source="folders", fractions=fractions, seed=seed))
 
 
 def _plain_one(path: str) -> Tuple[str, str, str, Any]:
-    from pipeline import images as im
+    from pipeline.imaging import clean as imc
+    from pipeline.ingest import layout
 
     with open(path, "rb") as f:
         data = f.read()
     uri = "file://" + path
-    iid = im.image_id(data)
-    split, rest = im.layout_split(im.relative_parts(uri, _CTX["root"]))
-    label = im.folder_label(rest)
-    split = split or im.hash_split(iid, _CTX["fractions"], _CTX["seed"])
-    r = im.clean_image(data, uri, _CTX["opts"])
-    return iid, split, label or "", (r.image if isinstance(r, im.Cleaned) else r.reason)
+    iid = imc.image_id(data)
+    split, label = layout.place(uri, iid, **_CTX["where"])
+    r = imc.clean_image(data, uri, _CTX["opts"])
+    return iid, split, label or "", (r.image if isinstance(r, imc.Cleaned) else r.reason)
 
 
 def run_plain(files: Sequence[str], cfg: Any, root_uri: str) -> Dict[str, Any]:
-    from pipeline import images as im
+    from pipeline.imaging.clean import ImageOptions
 
-    opts = im.ImageOptions.from_config(cfg.ingest)
+    opts = ImageOptions.from_config(cfg.ingest)
     t = time.perf_counter()
     with mp.get_context("fork").Pool(PROCS, _init_worker,
                                      (opts, root_uri, dict(cfg.ingest.split_fractions), cfg.ingest.seed)) as pool:
@@ -175,27 +174,28 @@ def run_spark(spark: Any, cfg: Any, root: Path, out: Path) -> Dict[str, Any]:
 def run_floor(spark: Any, cfg: Any, root: Path) -> Dict[str, Any]:
     """The least any binaryFile + mapInPandas ingest costs: list, scan and the same per-image function, no sink.
 
-    Same scan sizing and the same :func:`pipeline.ingest.clean_batches` as the job, output
-    discarded (Spark's ``noop`` sink): no duplicate resolution, no Parquet, no reconcile, no
-    commit. What the job spends beyond this is its own overhead; what this spends beyond the
-    plain loop is reading files through Spark and moving them through Arrow to Python workers.
+    The job's own extract step (:mod:`pipeline.ingest.extract`: the listing, the scan sizing and
+    :func:`~pipeline.ingest.extract.clean_batches`), output discarded (Spark's ``noop`` sink): no
+    duplicate resolution, no Parquet, no reconcile, no commit. What the job spends beyond this is
+    its own overhead; what this spends beyond the plain loop is reading files through Spark and
+    moving them through Arrow to Python workers.
     """
-    from pipeline import images as im
-    from pipeline import ingest
+    from pipeline.imaging.clean import ImageOptions
+    from pipeline.ingest import extract
     from pipeline.spark import task_slots, temporary_confs
 
     t = time.perf_counter()
     input_uri = "file://" + str(root)
-    raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(input_uri)
-    files = len(raw._jdf.inputFiles())  # a JVM array: only its length crosses py4j, as in the job
-    confs = ingest.scan_confs(files, ingest._listed_bytes(raw), task_slots(spark), cfg.ingest.batch_rows)
+    icfg = cfg.ingest
+    listing = extract.list_input(spark, input_uri)
+    confs = extract.scan_confs(listing.files_seen, listing.input_bytes, task_slots(spark), icfg.batch_rows)
     with temporary_confs(spark, confs):
-        fn = ingest.clean_batches(im.ImageOptions.from_config(cfg.ingest), root_uri=input_uri, label_source="folders",
-                                  fractions=cfg.ingest.split_fractions, seed=cfg.ingest.seed)
-        (raw.select("path", "content").mapInPandas(fn, ingest.PROCESSED_DDL)
+        fn = extract.clean_batches(ImageOptions.from_config(icfg), root_uri=input_uri, label_source="folders",
+                                   fractions=icfg.split_fractions, seed=icfg.seed)
+        (extract.scanned(listing.raw, fn, max_bytes=icfg.max_file_mb * 1024 * 1024)
          .write.format("noop").mode("overwrite").save())
     dt = time.perf_counter() - t
-    return {"seconds": round(dt, 3), "images_per_second": round(files / dt, 1)}
+    return {"seconds": round(dt, 3), "images_per_second": round(listing.files_seen / dt, 1)}
 
 
 def bench_dataset(spark: Any, name: str, root: Path, overrides: List[str]) -> Dict[str, Any]:

@@ -24,7 +24,7 @@ import logging
 import os
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional, Tuple
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from pipeline.errors import ConfigError
 
@@ -58,8 +58,14 @@ def to_uri(path: str) -> str:
 
 def local_path(uri: str) -> Optional[str]:
     """The local filesystem path of a ``file://`` URI, else None."""
-    p = urlparse(uri)
+    p = _split(uri)
     return p.path if p.scheme == "file" else None
+
+
+def _split(uri: str) -> Any:
+    """``urlsplit`` without a query or fragment: ``?`` and ``#`` are legal in file names."""
+    parts = urlsplit(uri, allow_fragments=False)
+    return parts._replace(path=parts.path + ("?" + parts.query if "?" in uri else ""), query="")
 
 
 def join(uri: str, *parts: str) -> str:
@@ -226,7 +232,7 @@ class ArrowFS(FileSystem):
                               f"use one of {', '.join(s + '://' for s in ARROW_SCHEMES)}") from None
 
     def _p(self, uri: str) -> str:
-        p = urlparse(_arrow_uri(uri))
+        p = _split(_arrow_uri(uri))
         if p.scheme in ("s3", "gs", "gcs"):
             return (p.netloc + p.path).rstrip("/")
         return (p.path or "/").rstrip("/") or "/"

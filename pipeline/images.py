@@ -24,10 +24,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import re
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Sequence, Tuple
 
 import numpy as np
 
@@ -54,13 +53,6 @@ REASONS: Tuple[str, ...] = (
     BAD_EXTENSION, EMPTY, NOT_AN_IMAGE, DECOMPRESSION_BOMB, TOO_SMALL, ANIMATED, CORRUPT,
     FILE_TOO_LARGE, NO_LABEL, DUPLICATE, LABEL_CONFLICT, ALREADY_INGESTED,
 )
-
-#: First-level folder names that give the split (``validation`` means ``val``).
-LAYOUT_SPLITS: Mapping[str, str] = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-SPLIT_ORDER: Tuple[str, ...] = ("train", "val", "test")
-
-_SCHEME_AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:(//[^/]*)?")
-
 
 @dataclass(frozen=True)
 class ImageOptions:
@@ -127,75 +119,6 @@ def extension(path: str) -> str:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     dot = name.rfind(".")
     return name[dot:].lower() if dot > 0 else ""
-
-
-def uri_path(uri: str) -> str:
-    """The path part of a URI, without parsing ``#``/``?`` (legal in file names) as fragment/query.
-
-    >>> uri_path("file:/data/a#1.png"), uri_path("hdfs://nn:8020/x/y")
-    ('/data/a#1.png', '/x/y')
-    """
-    return _SCHEME_AUTHORITY.sub("", uri, count=1) or "/"
-
-
-def normalize_source(uri: str) -> str:
-    """Spark lists local files as ``file:/x``; store the canonical ``file:///x`` form."""
-    if uri.startswith("file:/") and not uri.startswith("file://"):
-        return "file://" + uri[len("file:"):]
-    return uri
-
-
-def relative_parts(path: str, root: str) -> Tuple[str, ...]:
-    """Folders and file name of ``path`` below ``root`` (both URIs; scheme/authority ignored)."""
-    p, r = uri_path(path), uri_path(root).rstrip("/")
-    if r and p.startswith(r + "/"):
-        p = p[len(r) + 1:]
-    else:  # not under the root (a manifest entry elsewhere): keep the file name only
-        p = p.rsplit("/", 1)[-1]
-    return tuple(x for x in p.split("/") if x)
-
-
-def layout_split(parts: Sequence[str]) -> Tuple[Optional[str], Tuple[str, ...]]:
-    """``('train', 'cat', 'x.png')`` -> ``('train', ('cat', 'x.png'))``; no split folder -> ``(None, parts)``."""
-    if len(parts) > 1:
-        s = LAYOUT_SPLITS.get(parts[0].lower())
-        if s is not None:
-            return s, tuple(parts[1:])
-    return None, tuple(parts)
-
-
-def folder_label(parts: Sequence[str]) -> Optional[str]:
-    """The class folder: the first folder below the input (or below the split folder)."""
-    return parts[0] if len(parts) > 1 else None
-
-
-def hash_split(image_id_hex: str, fractions: Mapping[str, float], seed: int = 0) -> str:
-    """Deterministic split from the content hash: the same image always lands in the same split."""
-    h = hashlib.sha256(f"{seed}:{image_id_hex}".encode()).digest()
-    u = int.from_bytes(h[:8], "big") / 2.0 ** 64
-    acc = 0.0
-    last = "train"
-    for name in SPLIT_ORDER:
-        f = float(fractions.get(name, 0.0))
-        if f <= 0:
-            continue
-        acc += f
-        last = name
-        if u < acc:
-            return name
-    return last  # rounding: u just below 1.0
-
-
-def carve_fractions(fractions: Mapping[str, float]) -> Optional[Dict[str, float]]:
-    """Fractions that split a layout's ``train`` folder into train and val, or None without val.
-
-    >>> carve_fractions({"train": 0.8, "val": 0.1, "test": 0.1})
-    {'train': 0.8888888888888888, 'val': 0.1111111111111111}
-    """
-    t, v = float(fractions.get("train", 0.0)), float(fractions.get("val", 0.0))
-    if v <= 0 or t + v <= 0:
-        return None
-    return {"train": t / (t + v), "val": v / (t + v)}
 
 
 # --- the per-image pipeline ----------------------------------------------------

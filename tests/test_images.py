@@ -1,4 +1,4 @@
-"""Per-image cleaning (pipeline.images), without Spark: each reject reason, each normalisation, each resize policy."""
+"""Per-image cleaning (pipeline.imaging.clean) and placement (pipeline.ingest.layout), without Spark: each reject reason, each normalisation, each resize policy."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from corpus import bomb_header_png, exif_rotated_jpeg, jpeg_bytes, noise, png_bytes
-from pipeline import images as im
+from pipeline.imaging import clean as im
+from pipeline.imaging import reasons
+from pipeline.ingest import layout
 
 OPTS = im.ImageOptions(height=16, width=16, color_mode="RGB", max_pixels=1_000_000, min_side=8)
 
@@ -52,15 +54,15 @@ def _corrupt_png() -> bytes:
 
 
 @pytest.mark.parametrize("name, data, reason", [
-    ("empty.png", b"", im.EMPTY),
-    ("notes.txt", b"hello", im.BAD_EXTENSION),
-    ("noext", png_bytes(noise(3)), im.BAD_EXTENSION),
-    ("random.jpg", np.random.default_rng(0).bytes(2000), im.NOT_AN_IMAGE),
-    ("truncated.jpg", _truncated_jpeg(), im.CORRUPT),
-    ("corrupt.png", _corrupt_png(), im.CORRUPT),
-    ("tiny.png", png_bytes(noise(4, 7, 30)), im.TOO_SMALL),
-    ("bomb.png", png_bytes(np.zeros((1000, 1001), np.uint8), "L"), im.DECOMPRESSION_BOMB),
-    ("bomb_header.png", bomb_header_png(50_000, 50_000), im.DECOMPRESSION_BOMB),
+    ("empty.png", b"", reasons.EMPTY),
+    ("notes.txt", b"hello", reasons.BAD_EXTENSION),
+    ("noext", png_bytes(noise(3)), reasons.BAD_EXTENSION),
+    ("random.jpg", np.random.default_rng(0).bytes(2000), reasons.NOT_AN_IMAGE),
+    ("truncated.jpg", _truncated_jpeg(), reasons.CORRUPT),
+    ("corrupt.png", _corrupt_png(), reasons.CORRUPT),
+    ("tiny.png", png_bytes(noise(4, 7, 30)), reasons.TOO_SMALL),
+    ("bomb.png", png_bytes(np.zeros((1000, 1001), np.uint8), "L"), reasons.DECOMPRESSION_BOMB),
+    ("bomb_header.png", bomb_header_png(50_000, 50_000), reasons.DECOMPRESSION_BOMB),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_each_bad_file_gets_its_reason(name, data, reason):
     r = im.clean_image(data, f"file:///in/cls/{name}", OPTS)
@@ -73,10 +75,10 @@ def test_bomb_limit_is_checked_on_the_header_before_decoding():
     # 2000x1000 claims 2 MP but carries no pixel data: decoding it would fail as corrupt.
     data = bomb_header_png(2000, 1000)
     r = im.clean_image(data, "file:///in/c/b.png", OPTS)
-    assert (r.reason, r.detail) == (im.DECOMPRESSION_BOMB, "2000x1000 = 2000000 pixels > ingest.max_pixels=1000000")
+    assert (r.reason, r.detail) == (reasons.DECOMPRESSION_BOMB, "2000x1000 = 2000000 pixels > ingest.max_pixels=1000000")
     # With a higher limit the same file reaches the decoder, which finds it corrupt.
     r2 = im.clean_image(data, "file:///in/c/b.png", im.ImageOptions(height=16, width=16, max_pixels=10_000_000))
-    assert r2.reason == im.CORRUPT
+    assert r2.reason == reasons.CORRUPT
 
 
 def test_upper_case_extension_is_accepted():
@@ -147,7 +149,7 @@ def test_animated_takes_first_frame_or_rejects():
     out = decode(clean(data, "a.gif"))
     assert out.reshape(-1, 3).mean(axis=0).round().tolist() == [255.0, 0.0, 0.0]
     r = im.clean_image(data, "file:///in/c/a.gif", im.ImageOptions(height=16, width=16, animated="reject"))
-    assert (r.reason, r.detail) == (im.ANIMATED, "2 frames and ingest.animated=reject")
+    assert (r.reason, r.detail) == (reasons.ANIMATED, "2 frames and ingest.animated=reject")
 
 
 # --- resize policies and encodings ---------------------------------------------------------
@@ -224,26 +226,26 @@ def test_extension(path, ext):
     ("hdfs://nn:8020/data/in/cat/x.png", "hdfs:///data/in", None, "cat"),
 ])
 def test_layout(path, root, split, label):
-    s, rest = im.layout_split(im.relative_parts(path, root))
-    assert (s, im.folder_label(rest)) == (split, label)
+    s, rest = layout.layout_split(layout.relative_parts(path, root))
+    assert (s, layout.folder_label(rest)) == (split, label)
 
 
 def test_source_paths_are_canonical_uris():
-    assert im.normalize_source("file:/a b/#1.png") == "file:///a b/#1.png"
-    assert im.normalize_source("s3a://bucket/x.png") == "s3a://bucket/x.png"
+    assert layout.normalize_source("file:/a b/#1.png") == "file:///a b/#1.png"
+    assert layout.normalize_source("s3a://bucket/x.png") == "s3a://bucket/x.png"
 
 
 def test_hash_split_is_deterministic_and_follows_fractions():
     fr = {"train": 0.7, "val": 0.2, "test": 0.1}
     ids = [im.image_id(str(i).encode()) for i in range(20_000)]
-    a = [im.hash_split(i, fr, seed=0) for i in ids]
-    assert a == [im.hash_split(i, dict(reversed(list(fr.items()))), seed=0) for i in ids]
+    a = [layout.hash_split(i, fr, seed=0) for i in ids]
+    assert a == [layout.hash_split(i, dict(reversed(list(fr.items()))), seed=0) for i in ids]
     c = Counter(a)
     for k, f in fr.items():
         assert abs(c[k] / len(ids) - f) < 0.015, c
-    other_seed = [im.hash_split(i, fr, seed=1) for i in ids]
+    other_seed = [layout.hash_split(i, fr, seed=1) for i in ids]
     assert other_seed != a
-    assert set(im.hash_split(i, {"train": 1.0, "val": 0.0, "test": 0.0}) for i in ids[:500]) == {"train"}
+    assert set(layout.hash_split(i, {"train": 1.0, "val": 0.0, "test": 0.0}) for i in ids[:500]) == {"train"}
 
 
 def test_channel_mean_std_matches_numpy():

@@ -26,10 +26,10 @@ import pytest
 from PIL import Image
 
 from corpus import CORPUS_OVERRIDES, write_corpus, write_labelled, png_bytes, noise
-from pipeline import ingest
+from pipeline import faults, ingest
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
-from pipeline.storage import COMMIT_MARKER, STAGING_PREFIX
+from pipeline.contracts import COMMIT_MARKER, STAGING_PREFIX
 
 SPARK_TEST = ("spark.ui_enabled=false", "spark.log_level=ERROR", "spark.conf.spark.sql.shuffle.partitions=4")
 
@@ -216,7 +216,7 @@ def test_layout_splits_are_honoured(spark, tmp_path):
 
 def test_val_is_carved_from_train_when_the_layout_has_no_val_folder(spark, tmp_path):
     # Fashion-MNIST-style input: train/ and test/ only. Training needs a val split.
-    from pipeline import images as im
+    from pipeline.ingest import layout
 
     raw = tmp_path / "raw"
     train = write_labelled(raw / "train", {"a": 30, "b": 30}, seed=7, size=12)
@@ -224,11 +224,11 @@ def test_val_is_carved_from_train_when_the_layout_has_no_val_folder(spark, tmp_p
     out = tmp_path / "out"
     ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
     rows = images_rows(out)
-    carve = im.carve_fractions({"train": 0.8, "val": 0.1, "test": 0.1})
+    carve = layout.carve_fractions({"train": 0.8, "val": 0.1, "test": 0.1})
     expected = {}
     for r in rows:
         name = rel(r["source_path"], raw)
-        expected[name] = "test" if name.startswith("test/") else im.hash_split(r["image_id"], carve, 0)
+        expected[name] = "test" if name.startswith("test/") else layout.hash_split(r["image_id"], carve, 0)
     assert {rel(r["source_path"], raw): r["split"] for r in rows} == expected
     assert len(rows) == len(train) + len(test)
     m = manifest(out)
@@ -247,9 +247,9 @@ def test_val_is_carved_from_train_when_the_layout_has_no_val_folder(spark, tmp_p
 def test_val_folder_detection_matches_what_spark_would_read(spark, tmp_path):
     # Decided from the filesystem (no Spark job): a first-level val/validation folder, any case,
     # counts only when it holds a file Spark's scan would yield (hidden names do not).
-    from pipeline.storage import HadoopFS
+    from pipeline.fs import filesystem
 
-    fs = HadoopFS(spark)
+    fs = filesystem(uri(tmp_path), spark)
 
     def layout(name: str, files: List[str]) -> str:
         root = tmp_path / name
@@ -278,11 +278,13 @@ def test_input_bytes_come_from_the_file_index_without_a_job(spark, tmp_path):
     for i, n in enumerate(sizes):
         (root / "a").mkdir(parents=True, exist_ok=True)
         (root / "a" / f"{i}.bin").write_bytes(b"z" * n)
+    from pipeline.ingest import extract
+
     raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(uri(root))
     sc = spark.sparkContext
     sc.setJobGroup("listed-bytes-probe", "probe")
     try:
-        assert ingest._listed_bytes(raw) == sum(sizes)
+        assert extract.listed_bytes(raw) == sum(sizes)
     finally:
         sc.setLocalProperty("spark.jobGroup.id", None)
     assert list(sc.statusTracker().getJobIdsForGroup("listed-bytes-probe")) == []
@@ -384,8 +386,8 @@ def test_a_lost_row_fails_the_job_and_commits_nothing(spark, tmp_path, monkeypat
     raw = tmp_path / "raw"
     write_labelled(raw, {"a": 3, "b": 3}, seed=6, size=12)
     out = tmp_path / "out"
-    monkeypatch.setenv(ingest.FAULT_ENV, "ingest_drop_row")
-    monkeypatch.setenv(ingest.FAULT_MARKER_ENV, str(tmp_path / "marker"))
+    monkeypatch.setenv(faults.ENV, "ingest.batch:drop_row:once")
+    monkeypatch.setenv(faults.MARKER_ENV, str(tmp_path / "marker"))
     with pytest.raises(InvariantError, match="6 listed but 5 accepted"):
         ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
     assert not out.exists()
@@ -411,11 +413,11 @@ def test_bad_arguments_fail_before_writing(spark, tmp_path):
         ingest.run(spark, cfg_with("ingest.label_source=manifest", f"ingest.manifest_uri={tmp_path / 'nope.csv'}"),
                    input_uri=uri(raw), output_uri=uri(tmp_path / "o"), mode="error")
     with pytest.raises(ConfigError, match="PIXELMILL_FAULT_INJECT"):
-        os.environ[ingest.FAULT_ENV] = "explode"
+        os.environ[faults.ENV] = "explode"
         try:
             ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(tmp_path / "o"), mode="error")
         finally:
-            del os.environ[ingest.FAULT_ENV]
+            del os.environ[faults.ENV]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
@@ -429,14 +431,14 @@ def test_cli_bad_flag_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("fault", ["ingest_batch_once", "ingest_worker_kill_once"])
+@pytest.mark.parametrize("fault", ["ingest.batch:raise:once", "ingest.batch:kill:once"])
 def test_spark_retries_a_failed_batch_and_output_equals_a_clean_run(fault, corpus, corpus_run, tmp_path):
     """A real spark job (local[2,4]: 4 attempts per task) with one batch failing or its worker SIGKILLed."""
     root, _ = corpus
     clean_out, _ = corpus_run
     out = tmp_path / "out"
     marker = tmp_path / "marker"
-    env = {**os.environ, ingest.FAULT_ENV: fault, ingest.FAULT_MARKER_ENV: str(marker)}
+    env = {**os.environ, faults.ENV: fault, faults.MARKER_ENV: str(marker)}
     sets = [*SPARK_TEST, "spark.master=local[2,4]", "spark.conf.spark.driver.memory=1g",
             *CORPUS_OVERRIDES, "ingest.batch_rows=8"]
     cmd = [sys.executable, "-m", "pipeline", "ingest", "--input", str(root), "--output", str(out),

@@ -1,0 +1,304 @@
+"""The ingest stage: raw image files in, clean split-partitioned Parquet out, every file accounted for.
+
+:func:`run` reads as its steps; each step's work lives in one module:
+
+* **check args** and **read the prior manifest** (``--mode append``: :func:`pipeline.contracts.read_manifest`);
+* **extract** (:mod:`.extract`, :mod:`.layout`) - Spark's ``binaryFile`` source lists the
+  input recursively (every file is counted, non-images become reject rows); files above
+  ``ingest.max_file_mb`` are rejected on their listed length without being read; the
+  per-image ``mapInPandas`` step hashes, places (:func:`.layout.place`) and cleans every
+  file (:func:`pipeline.imaging.clean.clean_image`);
+* **transform** (:mod:`.transform`) - labels from a CSV, files already in the output,
+  duplicates and label conflicts by content hash;
+* **account** (:mod:`.accounting`) - one aggregation gives every count; a lost file fails
+  the job before anything is written;
+* **load** (:mod:`.load`) - ``images/`` (partitioned by ``split`` only, rows shuffled within a
+  split, enough row groups for petastorm sharding), ``rejects/`` and ``_manifest.json`` are
+  written to a staging folder, reconciled from the Parquet footers
+  (``files_seen == accepted + sum(rejected)``), then committed atomically with
+  :func:`pipeline.commit.atomic_output`.
+
+Fault injection for reliability tests goes through :mod:`pipeline.faults` (point
+``ingest.batch``, e.g. ``PIXELMILL_FAULT_INJECT=ingest.batch:kill:once``). See ``docs/ingest.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Tuple
+
+from pipeline import faults
+from pipeline.commit import atomic_output, check_output_mode
+from pipeline.config import Config, IngestConfig
+from pipeline.contracts import IMAGES_DIR, REJECTS_DIR, IngestManifest, read_manifest, write_manifest
+from pipeline.errors import ConfigError, DataError
+from pipeline.fs import FileSystem, filesystem, join, to_uri
+from pipeline.imaging.clean import ImageOptions
+from pipeline.imaging.reasons import ALREADY_INGESTED
+from pipeline.ingest import accounting, extract, layout, load, transform
+from pipeline.ingest.accounting import check_invariant, class_mapping
+from pipeline.ingest.layout import layout_has_val
+from pipeline.schema import IMAGE_COLUMNS, REJECT_COLUMNS
+from pipeline.spark import assert_on_driver, set_job_description, task_slots, temporary_confs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = ["MODES", "run", "check_invariant", "class_mapping", "layout_has_val"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("error", "overwrite", "append")
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One ingest's checked arguments."""
+
+    spark: "SparkSession"
+    cfg: IngestConfig
+    input_uri: str
+    output_uri: str
+    mode: str
+    fault: Optional[faults.FaultPlan]
+    in_fs: FileSystem
+    committed: bool  #: a committed output already exists at ``output_uri``
+
+
+class _Prior(NamedTuple):
+    """On append: the committed output's manifest and its rows."""
+
+    manifest: IngestManifest
+    images: "DataFrame"
+    rejects: "DataFrame"
+
+
+class _Scan(NamedTuple):
+    """The extract step's result: the listing and one (lazy) row per file."""
+
+    listing: extract.Listing
+    rows: "DataFrame"
+    carved: bool  #: val is carved out of the layout's train/ (no val/ folder)
+    slots: int  #: task slots the scan and the write are sized for
+
+
+class _Outputs(NamedTuple):
+    """What the load step writes, with the counts it is reconciled against."""
+
+    images: "DataFrame"
+    rejects: "DataFrame"
+    run: accounting.RunCounts
+    total: accounting.Totals
+
+
+def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, mode: str = "error") -> Dict[str, Any]:
+    """Ingest ``input_uri`` into ``output_uri``; returns the manifest's counts.
+
+    Parameters
+    ----------
+    spark:
+        The session (built by :func:`pipeline.spark.build_session`).
+    cfg:
+        The config; only ``cfg.ingest`` is used.
+    input_uri, output_uri:
+        URIs (local paths are accepted and made absolute ``file://`` URIs).
+    mode:
+        ``error`` (refuse an existing output), ``overwrite`` or ``append``
+        (ingest only files not already in the output; splits and classes kept).
+    """
+    assert_on_driver()
+    t0 = time.perf_counter()
+    job = _check_args(spark, cfg.ingest, input_uri=input_uri, output_uri=output_uri, mode=mode)
+    prior = _read_prior(job)
+    timings: Dict[str, float] = {}
+    with contextlib.ExitStack() as held:  # session confs and cached frames of this job, released at the end
+        scan = _extract(job, prior, held, timings)
+        resolved = scan.rows.transform(_per_file, job, prior).transform(_dedup, prior)
+        outputs = _account(job, prior, scan, resolved, held, timings)
+        return _load(job, prior, scan, outputs, timings, t0)
+
+
+# --- the steps ------------------------------------------------------------------------
+
+def _check_args(spark: "SparkSession", icfg: IngestConfig, *, input_uri: str, output_uri: str, mode: str) -> _Job:
+    """Every argument checked before anything is read or written (an uncommitted output is removed)."""
+    if mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
+    input_uri, output_uri = to_uri(input_uri), to_uri(output_uri)
+    if layout.overlap(output_uri, input_uri):
+        raise ConfigError(f"--output {output_uri} and --input {input_uri} overlap: choose an output outside the input")
+    if icfg.label_source == "manifest" and icfg.manifest_uri is None:  # pragma: no cover - config validates
+        raise ConfigError("ingest.label_source=manifest needs ingest.manifest_uri")
+    fault = faults.armed()
+    in_fs = filesystem(input_uri, spark)
+    if not in_fs.is_dir(input_uri):
+        raise DataError(f"input {input_uri} is not an existing folder: pass the folder holding the class folders")
+    if icfg.label_source == "manifest":
+        csv = to_uri(icfg.manifest_uri or "")
+        if not filesystem(csv, spark).exists(csv):
+            raise ConfigError(f"config key 'ingest.manifest_uri': {csv} does not exist "
+                              "(pass a CSV with a path,label header)")
+    # also removes an uncommitted (crashed) write
+    committed = check_output_mode(filesystem(output_uri, spark), output_uri, mode)
+    return _Job(spark, icfg, input_uri, output_uri, mode, fault, in_fs, committed)
+
+
+def _read_prior(job: _Job) -> Optional[_Prior]:
+    """On append to a committed output: its manifest (same image settings required) and its rows."""
+    if job.mode != "append":
+        return None
+    if not job.committed:
+        log.info("--mode append: %s holds no committed output yet, ingesting everything", job.output_uri)
+        return None
+    manifest = read_manifest(job.output_uri, spark=job.spark)
+    if manifest.get("image", {}) != load.image_block(job.cfg):
+        raise ConfigError(f"--mode append: ingest.height/width/color_mode/encode_format differ from the existing "
+                          f"output ({manifest.get('image')}); use the same settings or --mode overwrite")
+    read = job.spark.read
+    return _Prior(manifest, read.parquet(join(job.output_uri, IMAGES_DIR)), read.parquet(join(job.output_uri, REJECTS_DIR)))
+
+
+def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, timings: Dict[str, float]) -> _Scan:
+    """List the input, size the scan (confs held until the job ends), clean every file."""
+    spark, icfg = job.spark, job.cfg
+    t = time.perf_counter()
+    set_job_description(spark, f"ingest: list {job.input_uri}")
+    listing = extract.list_input(spark, job.input_uri)
+    timings["list_s"] = round(time.perf_counter() - t, 3)
+    log.info("ingest: %d files under %s (%.1fs)", listing.files_seen, job.input_uri, timings["list_s"])
+    if listing.files_seen == 0:
+        raise DataError(f"no files under {job.input_uri} (files whose names start with '.' or '_' are hidden from Spark)")
+    slots = task_slots(spark)
+    held.enter_context(temporary_confs(
+        spark, extract.scan_confs(listing.files_seen, listing.input_bytes, slots, icfg.batch_rows)))
+    carve = _carve(job, prior)
+    fn = extract.clean_batches(ImageOptions.from_config(icfg), root_uri=job.input_uri, label_source=icfg.label_source,
+                               fractions=icfg.split_fractions, seed=icfg.seed, carve=carve, fault=job.fault)
+    processed = extract.scanned(listing.raw, fn, max_bytes=icfg.max_file_mb * 1024 * 1024).unionByName(
+        extract.too_large_files(listing.raw, max_file_mb=icfg.max_file_mb), allowMissingColumns=True)
+    return _Scan(listing, processed, carve is not None, slots)
+
+
+def _carve(job: _Job, prior: Optional[_Prior]) -> Optional[Dict[str, float]]:
+    """Fractions carving val out of the layout's train/ when the input has no val/ folder, else None."""
+    if prior is not None and "val_carved_from_train" in prior.manifest:
+        carve_val = bool(prior.manifest["val_carved_from_train"])  # appends keep the first run's decision
+    else:
+        carve_val = job.cfg.carve_val_from_train and not layout_has_val(job.in_fs, job.input_uri)
+    carve = layout.carve_fractions(job.cfg.split_fractions) if carve_val else None
+    if carve is not None:
+        log.info("ingest: no val/ folder: %.1f%% of the layout's train/ files become val (by content hash)",
+                 100 * carve["val"])
+    return carve
+
+
+def _per_file(df: "DataFrame", job: _Job, prior: Optional[_Prior]) -> "DataFrame":
+    """The row-wise transforms (labels from a CSV, already ingested) any file row goes through."""
+    if job.cfg.label_source == "manifest":
+        df = transform.with_manifest_labels(job.spark, df, job.cfg.manifest_uri, job.input_uri)
+    if prior is not None:
+        df = transform.with_already_ingested(df, prior.images, prior.rejects)
+    return df
+
+
+def _dedup(df: "DataFrame", prior: Optional[_Prior]) -> "DataFrame":
+    """Duplicates and label conflicts by content hash, within the run and against the output's rows."""
+    df = df.transform(transform.with_duplicates_resolved)
+    if prior is not None:
+        df = transform.with_prior_duplicates(df, prior.images)
+    return df
+
+
+def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFrame", held: contextlib.ExitStack,
+             timings: Dict[str, float]) -> _Outputs:
+    """Run the cleaning (one aggregation), count every file and check the count; the frames to write."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    spark, listing = job.spark, scan.listing
+    resolved = _persisted(held, resolved, StorageLevel.MEMORY_AND_DISK)
+    t = time.perf_counter()
+    set_job_description(spark, f"ingest: clean {listing.files_seen} files")
+    groups = accounting.group_counts(resolved)
+    scanned = sum(g["n"] for g in groups)
+    if scanned < listing.files_seen:
+        # Spark's scan skips zero-byte files: only now, and only when some are missing, the
+        # listing is compared with the scanned paths (one path-only pass, no content read).
+        log.info("ingest: %d listed files never reach the scan (0 bytes)", listing.files_seen - scanned)
+        unscanned = extract.unscanned_files(spark, listing).transform(_per_file, job, prior)
+        unscanned = _persisted(held, unscanned.select(
+            *[F.col(c) if c in unscanned.columns else F.lit(None).cast(resolved.schema[c].dataType).alias(c)
+              for c in resolved.columns]), StorageLevel.MEMORY_AND_DISK)
+        groups = groups + accounting.group_counts(unscanned)
+        resolved = resolved.unionByName(unscanned)
+    timings["clean_s"] = round(time.perf_counter() - t, 3)
+
+    run_ = accounting.run_counts(groups)
+    log.info("ingest: cleaned %d files in %.1fs: %d accepted, rejected %s", run_.accounted, timings["clean_s"],
+             run_.accepted, dict(sorted(run_.rejected.items())) or "none")
+    accounting.check_run_accounted(listing.files_seen, run_)
+    total = accounting.totals(prior.manifest if prior else None, run_, listing.files_seen, job.cfg,
+                              ImageOptions.from_config(job.cfg).channels)
+    return _Outputs(*_to_write(resolved, prior, total.classes), run_, total)
+
+
+def _to_write(resolved: "DataFrame", prior: Optional[_Prior],
+              classes: Dict[str, int]) -> Tuple["DataFrame", "DataFrame"]:
+    """``(images, rejects)`` of the whole output: this run's accepted / rejected rows plus the prior ones."""
+    from pyspark.sql import functions as F
+
+    images = (
+        resolved.filter(F.col("reason").isNull())
+        .select(*[c for c in IMAGE_COLUMNS if c != "label_index"])
+        .transform(transform.with_label_index, classes)
+        .select(*IMAGE_COLUMNS)
+    )
+    rejects = resolved.filter(F.col("reason").isNotNull() & (F.col("reason") != ALREADY_INGESTED)).select(*REJECT_COLUMNS)
+    if prior is not None:
+        images = images.unionByName(prior.images.select(*IMAGE_COLUMNS))
+        rejects = rejects.unionByName(prior.rejects.select(*REJECT_COLUMNS))
+    return images, rejects
+
+
+def _persisted(held: contextlib.ExitStack, df: "DataFrame", level: Any) -> "DataFrame":
+    """``df`` persisted until the job ends."""
+    df = df.persist(level)
+    held.callback(df.unpersist)
+    return df
+
+
+def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timings: Dict[str, float],
+          t0: float) -> Dict[str, Any]:
+    """Write to staging, reconcile with the counts, write the manifest, commit; returns the summary."""
+    spark, icfg, total = job.spark, job.cfg, out.total
+    n_train = total.splits.get("train", 0)
+    tasks, rows_per_file = load.plan_files(n_train, total.accepted, total.image_bytes, icfg, scan.slots)
+    with atomic_output(spark, job.output_uri, commit_info={"stage": "ingest", "files_seen": total.files_seen}) as staging:
+        t = time.perf_counter()
+        set_job_description(spark, f"ingest: write {total.accepted} images")
+        # A first run's rows are already hash-partitioned by image_id (the duplicate window):
+        # classes are mixed, no reshuffle; appended rows are repartitioned with the prior ones.
+        load.write_images(out.images, staging, icfg, tasks=tasks if prior is not None else None,
+                          rows_per_file=rows_per_file)
+        set_job_description(spark, "ingest: write rejects")
+        load.write_rejects(out.rejects, staging, sum(total.rejected.values()))
+        timings["write_s"] = round(time.perf_counter() - t, 3)
+
+        t = time.perf_counter()
+        set_job_description(spark, "ingest: reconcile")
+        staged = filesystem(staging, spark)
+        row_groups = load.reconcile(staged, staging, total.files_seen, total.splits)
+        timings["reconcile_s"] = round(time.perf_counter() - t, 3)
+        load.warn_if_few_row_groups(row_groups, n_train, icfg)
+        timings["total_s"] = round(time.perf_counter() - t0, 3)
+        manifest = load.build_manifest(
+            cfg=icfg, prior=prior.manifest if prior else None, input_uri=job.input_uri, output_uri=job.output_uri,
+            mode=job.mode, carved=scan.carved, total=total, run=out.run, files_seen=scan.listing.files_seen,
+            row_groups=row_groups, timings=timings)
+        write_manifest(staged, staging, manifest)
+    log.info("ingest: committed %s: %d accepted, %d rejected, splits %s, %.0f files/s", job.output_uri,
+             total.accepted, sum(total.rejected.values()), manifest["splits"], manifest["images_per_second"])
+    return {k: manifest[k] for k in ("files_seen", "accepted", "rejected", "splits", "class_counts", "classes",
+                                     "row_groups", "images_per_second", "run", "timings")} | {"output": job.output_uri}
