@@ -160,13 +160,22 @@ def read_manifest(data_uri: str, fs: Optional[FileSystem] = None, *,
         raise DataError(f"{data_uri} is not a committed ingest output (no {COMMIT_MARKER}): "
                         "re-run ingest (a crashed or running ingest leaves no marker)")
     path = join(data_uri, MANIFEST)
-    if not fs.exists(path):
-        raise DataError(f"{data_uri} has no {MANIFEST}: it was not written by pixelmill ingest (re-run ingest)")
-    try:
-        raw = fs.read_json(path)
-    except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e}): re-run ingest") from None
+    raw = _read_json_object(fs, path, missing=f"{data_uri} has no {MANIFEST}: it was not written by pixelmill "
+                            "ingest (re-run ingest)", fix="re-run ingest")
     return parse_manifest(raw, path)
+
+
+def _read_json_object(fs: FileSystem, uri: str, *, missing: str, fix: str) -> Mapping[str, Any]:
+    """The JSON object at ``uri``; DataError ``missing`` when absent, naming ``fix`` when unreadable."""
+    if not fs.exists(uri):
+        raise DataError(missing)
+    try:
+        raw = fs.read_json(uri)
+    except ValueError as e:
+        raise DataError(f"{uri} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(raw, Mapping):
+        raise DataError(f"{uri} does not hold a JSON object: {fix}")
+    return raw
 
 
 def parse_manifest(raw: Any, where: str) -> IngestManifest:
@@ -220,14 +229,8 @@ def resolve_model_dir(fs: FileSystem, model_uri: str) -> str:
 def read_model_card(fs: FileSystem, model_dir: str) -> ModelCard:
     """``<model_dir>/model.json``, checked: required keys, class indices 0..k-1, channels agree."""
     uri = join(model_dir, MODEL_CARD)
-    if not fs.exists(uri):
-        raise DataError(f"{uri} is missing: the model has no description (re-export it with train)")
-    try:
-        raw = fs.read_json(uri)
-    except ValueError as e:
-        raise DataError(f"{uri} is not valid JSON ({e}): re-export the model with train") from None
-    if not isinstance(raw, Mapping):
-        raise DataError(f"{uri} does not hold a JSON object: re-export the model with train")
+    raw = _read_json_object(fs, uri, missing=f"{uri} is missing: the model has no description (re-export it with "
+                            "train)", fix="re-export the model with train")
     for key in ("model_id", "classes", "image", "normalization"):
         if key not in raw:
             raise DataError(f"{uri} lacks '{key}': re-export the model with train")

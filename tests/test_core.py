@@ -185,7 +185,7 @@ def test_a_fault_fires_only_at_its_point_and_context():
     plan = faults.parse("train.step:raise:rank=1:epoch=2")
     assert not faults.fire(plan, "train.step", rank=0, epoch=2, step=1)
     assert not faults.fire(plan, "score.batch", rank=1, epoch=2)
-    with pytest.raises(RuntimeError, match="injected failure at train.step"):
+    with pytest.raises(RuntimeError, match="injected training fault at train.step"):
         faults.fire(plan, "train.step", rank=1, epoch=2, step=5)
     assert not faults.fire(None, "train.step", rank=1, epoch=2)
 
