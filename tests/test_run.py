@@ -1,7 +1,8 @@
 """`pixelmill run`: the four stages on one session, idempotent on rerun, the CLI's contract.
 
 The end-to-end test runs the real command (a subprocess: real Spark, real Horovod, real
-files) on the small sample corpus, then reruns it and checks what a rerun must not redo.
+files) on the small sample corpus, then reruns it and checks what a rerun must not redo;
+the cases after that call the chain in this process, on the tests' session.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _outputs(root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_run_chains_the_stages_and_a_rerun_redoes_nothing(raw_sample, tmp_path):
+def test_run_chains_the_stages_and_a_rerun_redoes_nothing(spark, sample_config, raw_sample, tmp_path):
     root = tmp_path / "run"
     first = _run(raw_sample, root)
     result = _summary(first)
@@ -83,20 +84,20 @@ def test_run_chains_the_stages_and_a_rerun_redoes_nothing(raw_sample, tmp_path):
     (line,) = _progress(second, "ingest")
     assert f"ingest: reused file://{root}/ingest" in line
 
-    # Scores made by another model are not reused: the same model scores again.
+    # In this process on the tests' session (no further JVM start): scores made by another model are not reused.
+    from pipeline import chain
+    from pipeline.errors import OutputExistsError
+
     marker = root / "scores" / "_PIXELMILL_COMMITTED"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "model_id": "another-model"}))
-    third = _summary(_run(raw_sample, root))
+    third = chain.run(spark, sample_config, input_uri=str(raw_sample), output_root=str(root), epochs=1, num_proc=2)
     assert [third["stages"][s]["action"] for s in ("ingest", "train", "score")] == ["reused", "skipped", "ran"]
     assert json.loads(marker.read_text())["model_id"] == result["model_id"]
     assert third["accuracy"] == result["accuracy"]
 
-    # The output root holds an ingest of another input: refused in one line, exit 3, nothing replaced.
-    other = tmp_path / "other"
-    (other / "horizontal").mkdir(parents=True)
-    proc = _run(other, root)
-    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("pixelmill run: error:")]
-    assert proc.returncode == 3 and len(err) == 1 and "--fresh" in err[0], proc.stderr[-2000:]
+    # The output root holds an ingest of another input: refused, with the fix, before anything is replaced.
+    with pytest.raises(OutputExistsError, match="--fresh"):
+        chain.run(spark, sample_config, input_uri=str(tmp_path / "other"), output_root=str(root), epochs=1)
     assert _outputs(root)["ingest_marker"] == before["ingest_marker"]
 
 
