@@ -1,6 +1,7 @@
 """Command-line contract shared by ``jobs/*.py`` (spark-submit) and ``python -m pipeline``.
 
-Every stage takes ``[--config FILE]... [--set key=value]...`` plus its own
+The commands are the three stages and ``run`` (all of them in order on one session,
+:mod:`pipeline.chain`). Every command takes ``[--config FILE]... [--set key=value]...`` plus its own
 flags. Errors are one line on stderr; exit codes (see :mod:`pipeline.errors`):
 0 ok, 1 the job failed, 2 bad arguments/config, 3 output exists.
 The last line on stdout of a successful run is a JSON summary of the stage.
@@ -19,7 +20,12 @@ from pipeline.errors import PixelmillError
 from pipeline.fs import to_uri
 
 log = logging.getLogger("pipeline")
+#: The stages, each a job of its own (and a task of the Airflow DAG).
 STAGES = ("ingest", "train", "score")
+#: What ``pixelmill <command>`` accepts: the stages, and ``run`` for all of them on one session.
+COMMANDS = (*STAGES, "run")
+#: The module whose ``run(spark, cfg, **kwargs)`` a command calls, when not ``pipeline.<command>``.
+_RUNNERS = {"run": "pipeline.chain"}
 #: Values of ``pixelmill score --split``: one split of an ingest output, or ``all``.
 #: The Airflow DAG's ``score_split`` param reads them from the parser (pipeline.orchestration).
 SPLIT_CHOICES = ("train", "val", "test", "unlabeled", "all")
@@ -51,6 +57,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """Shorthands for train config keys (see :func:`stage_overrides`)."""
+    p.add_argument("--num-proc", type=int, help="Horovod processes (overrides train.num_proc)")
+    p.add_argument("--epochs", type=int, help="total epochs (overrides train.epochs)")
+
+
+def _split_flag(p: argparse.ArgumentParser, text: str) -> None:
+    # choices= for --help and for the DAG's flag rendering; type= so a bad value gets the house message.
+    p.add_argument("--split", default="test", choices=SPLIT_CHOICES, type=_one_of("--split", SPLIT_CHOICES), help=text)
+
+
 def build_parser(stage: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = _Parser(prog=prog or f"pixelmill {stage}", description=_DESCRIPTIONS[stage])
     if stage == "ingest":
@@ -60,17 +77,22 @@ def build_parser(stage: str, prog: Optional[str] = None) -> argparse.ArgumentPar
     elif stage == "train":
         p.add_argument("--data", required=True, help="an ingest output")
         p.add_argument("--model-dir", required=True, help="checkpoints, history, exported model")
-        p.add_argument("--num-proc", type=int, help="Horovod processes (overrides train.num_proc)")
-        p.add_argument("--epochs", type=int, help="total epochs (overrides train.epochs)")
+        _train_flags(p)
         p.add_argument("--mode", default="resume", choices=["resume", "overwrite"])
     elif stage == "score":
         p.add_argument("--data", required=True, help="an ingest output")
         p.add_argument("--model", required=True, help="a training --model-dir or its model/")
         p.add_argument("--output", required=True, help="where predictions/ and _metrics.json go")
-        # choices= for --help and for the DAG's flag rendering; type= so a bad value gets the house message.
-        p.add_argument("--split", default="test", choices=SPLIT_CHOICES, type=_one_of("--split", SPLIT_CHOICES),
-                       help="split to score (default: test)")
+        _split_flag(p, "split to score (default: test)")
         p.add_argument("--mode", default="error", choices=["error", "overwrite"])
+    elif stage == "run":
+        p.add_argument("--input", required=True, help="raw images, as ingest --input takes them")
+        p.add_argument("--output-root", required=True,
+                       help="every output goes under it: ingest/, model/, scores/, report/")
+        _split_flag(p, "split to score and report on (default: test)")
+        _train_flags(p)
+        p.add_argument("--fresh", action="store_true",
+                       help="redo every stage instead of reusing or resuming what --output-root holds")
     else:  # pragma: no cover
         raise ValueError(stage)
     _common(p)
@@ -81,6 +103,7 @@ _DESCRIPTIONS = {
     "ingest": "Clean raw images into split-partitioned Parquet; every file ends in images/ or rejects/.",
     "train": "Data-parallel training with Horovod on Spark executors; resumes from checkpoints.",
     "score": "Distributed batch scoring of an ingest output back to Parquet, with metrics when labelled.",
+    "run": "Ingest, train, score and report on one SparkSession; a rerun reuses or resumes each stage's output.",
 }
 
 
@@ -91,7 +114,7 @@ def parse_args(stage: str, argv: Sequence[str], prog: Optional[str] = None) -> a
 def stage_overrides(stage: str, args: argparse.Namespace) -> List[str]:
     """Stage flags that are shorthands for config keys."""
     out: List[str] = []
-    if stage == "train":
+    if stage in ("train", "run"):
         if args.num_proc is not None:
             out.append(f"train.num_proc={args.num_proc}")
         if args.epochs is not None:
@@ -112,11 +135,14 @@ def stage_kwargs(stage: str, args: argparse.Namespace) -> Dict[str, Any]:
     if stage == "score":
         return {"data_uri": to_uri(args.data), "model_uri": to_uri(args.model),
                 "output_uri": to_uri(args.output), "split": args.split, "mode": args.mode}
+    if stage == "run":  # --num-proc/--epochs are in the config already (stage_overrides)
+        return {"input_uri": to_uri(args.input), "output_root": to_uri(args.output_root), "split": args.split,
+                "fresh": args.fresh}
     raise ValueError(stage)  # pragma: no cover
 
 
 def stage_runner(stage: str) -> Callable[..., Dict[str, Any]]:
-    return importlib.import_module(f"pipeline.{stage}").run
+    return importlib.import_module(_RUNNERS.get(stage, f"pipeline.{stage}")).run
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -175,10 +201,10 @@ def run_stage(stage: str, argv: Sequence[str], prog: Optional[str] = None) -> in
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        usage = f"usage: pixelmill {{{','.join(STAGES)}}} [--config FILE] [--set KEY=VALUE]... [stage flags]"
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = f"usage: pixelmill {{{','.join(COMMANDS)}}} [--config FILE] [--set KEY=VALUE]... [stage flags]"
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"pixelmill: error: unknown stage {argv[0]!r}: choose one of {', '.join(STAGES)}", file=sys.stderr)
+            print(f"pixelmill: error: unknown stage {argv[0]!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         print(usage)
         return 0 if argv else 2
