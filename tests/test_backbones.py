@@ -1,0 +1,218 @@
+"""Keras application backbones and ``train.init_weights``: build, preprocess, load weights, fail in one line.
+
+Building a backbone costs seconds on CPU, so the default suite builds only the smallest
+(``mobilenet_v3_small``) and the caffe preprocessing of the ResNets on its own; every backbone
+is built, saved and stepped on 2 Horovod ranks in the slow tests (one launch for all).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.train.models import BACKBONES, HEAD_LAYER, MODEL_NAMES, backbone_of, build_model
+
+SMALL = "mobilenet_v3_small"
+
+
+def _weights(model):
+    return [w.copy() for w in model.get_weights()]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def test_config_accepts_exactly_the_model_names():
+    from typing import get_args
+
+    from pipeline.config import TrainConfig
+
+    assert set(get_args(TrainConfig.model_fields["model"].annotation)) == set(MODEL_NAMES)
+    assert {"resnet50", "resnet101", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_v2_b0",
+            "convnext_tiny"} <= set(BACKBONES)
+
+
+def test_caffe_preprocessing_layer_equals_keras_resnet_preprocess_input():
+    import keras
+
+    from pipeline.train.models import _caffe_preprocess
+
+    inputs = keras.Input((4, 5, 3))
+    model = keras.Model(inputs, _caffe_preprocess(inputs))
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, 4, 5, 3)).astype("float32")
+    want = keras.applications.resnet.preprocess_input(x.copy())
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, rtol=1e-5, atol=1e-3)
+    assert model.layers[-1].trainable is False
+
+
+def test_backbone_takes_grey_pixels_round_trips_safe_mode_and_keeps_a_float32_softmax(tmp_path):
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model(SMALL, (32, 32, 1), 4, dropout=0.2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.layers[-1].name == HEAD_LAYER and model.layers[-1].dtype_policy.compute_dtype == "float32"
+    assert [layer.name for layer in model.layers][:2] == ["image", "grey_to_rgb"]
+    assert backbone_of(model) is not None and backbone_of(model).input_shape == (None, 32, 32, 3)
+    assert not any(type(layer).__name__ == "Lambda" for layer in model.layers)
+    x = np.random.default_rng(0).uniform(0, 255, size=(3, 32, 32, 1)).astype("float32")
+    p = model.predict(x, verbose=0)
+    assert p.dtype == np.float32 and p.shape == (3, 4)
+    np.testing.assert_allclose(p.sum(axis=1), np.ones(3), rtol=1e-3)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path, safe_mode=True).predict(x, verbose=0), p, atol=1e-5)
+
+
+def test_inputs_below_the_backbone_minimum_are_one_config_line():
+    with pytest.raises(ConfigError) as exc:
+        build_model("resnet50", (28, 28, 1), 10)
+    assert str(exc.value) == ("train.model=resnet50 needs images of at least 32x32 but --data holds 28x28: "
+                              "re-ingest with ingest.height/width >= 32")
+
+
+def test_backbones_train_on_raw_pixels_whatever_loader_normalize_says():
+    from pipeline.config import load_config
+    from pipeline.train.models import for_model
+
+    cfg = for_model(load_config(overrides=["train.model=resnet50", "loader.normalize=manifest"]))
+    assert cfg.loader.normalize == "none"
+    plain = load_config(overrides=["loader.normalize=unit"])
+    assert for_model(plain) is plain
+
+
+# --- init_weights -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return build_model(SMALL, (32, 32, 3), 3)
+
+
+def _fresh():
+    return build_model(SMALL, (32, 32, 3), 3)
+
+
+def _write_legacy_h5(model, path: Path) -> None:
+    """A no-top file in the layout Keras' ImageNet files use (legacy HDF5 weights)."""
+    import h5py
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    with h5py.File(path, "w") as f:
+        save_weights_to_hdf5_group(f, model)
+
+
+def test_imagenet_reads_the_keras_cache_file_and_nothing_else(tmp_path, monkeypatch, small_model):
+    from pipeline.train.init_weights import apply, resolve
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    with pytest.raises(ConfigError) as exc:
+        resolve("imagenet", _fresh(), {"a": 0, "b": 1, "c": 2}, model_name=SMALL)
+    folder = tmp_path / "kh" / "models"
+    assert str(exc.value).count("\n") == 0
+    assert f"weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5 is not in {folder}/" in str(exc.value)
+    folder.mkdir(parents=True)
+    _write_legacy_h5(backbone_of(small_model), folder / BACKBONES[SMALL].weights_file)
+    target = _fresh()
+    source = resolve("imagenet", target, {"a": 0, "b": 1, "c": 2}, model_name=SMALL)
+    assert (source.kind, source.loaded) == ("imagenet", "backbone")
+    assert source.uri == "file://" + str(folder / BACKBONES[SMALL].weights_file) and len(source.sha256) == 64
+    assert _same(backbone_of(target).get_weights(), backbone_of(small_model).get_weights())
+    again = _fresh()
+    apply(again, source, model_name=SMALL)
+    assert _same(backbone_of(again).get_weights(), backbone_of(small_model).get_weights())
+
+    # A file of that name holding another architecture: one line naming a layer, never a download.
+    _write_legacy_h5(backbone_of(build_model("mobilenet_v3_large", (32, 32, 3), 3)),
+                     folder / BACKBONES[SMALL].weights_file)
+    with pytest.raises(ConfigError) as exc:
+        resolve("imagenet", _fresh(), {"a": 0}, model_name=SMALL)
+    assert str(exc.value).count("\n") == 0 and "layer" in str(exc.value).lower(), str(exc.value)
+
+
+def test_imagenet_needs_a_backbone():
+    from pipeline.train.init_weights import resolve
+
+    with pytest.raises(ConfigError, match="needs a Keras application backbone"):
+        resolve("imagenet", None, {}, model_name="compact_cnn")
+
+
+def test_weights_file_uri_loads_the_backbone_and_a_mismatch_names_the_layer(tmp_path, small_model):
+    from pipeline.train.init_weights import resolve
+
+    path = tmp_path / "bb.weights.h5"
+    backbone_of(small_model).save_weights(str(path))
+    target = _fresh()
+    head_before = target.get_layer(HEAD_LAYER).get_weights()
+    source = resolve("file://" + str(path), target, {"a": 0, "b": 1, "c": 2}, model_name=SMALL)
+    assert (source.kind, source.loaded) == ("file", "backbone")
+    assert _same(backbone_of(target).get_weights(), backbone_of(small_model).get_weights())
+    assert _same(target.get_layer(HEAD_LAYER).get_weights(), head_before)
+
+    whole = tmp_path / "whole.keras"
+    small_model.save(str(whole))
+    target = _fresh()
+    resolve(str(whole), target, {"a": 0, "b": 1, "c": 2}, model_name=SMALL)
+    assert _same(backbone_of(target).get_weights(), backbone_of(small_model).get_weights())
+
+    other = build_model("mobilenet_v3_large", (32, 32, 3), 3)
+    for bad in (tmp_path / "large.weights.h5", tmp_path / "large.keras"):
+        if bad.suffix == ".keras":
+            other.save(str(bad))
+        else:
+            backbone_of(other).save_weights(str(bad))
+        with pytest.raises(ConfigError) as exc:
+            resolve(str(bad), _fresh(), {"a": 0}, model_name=SMALL)
+        msg = str(exc.value)
+        assert msg.count("\n") == 0 and f"train.init_weights file://{bad} does not fit" in msg
+        assert "layer" in msg.lower(), msg
+
+
+def _model_dir(tmp_path: Path, model, classes) -> str:
+    from pipeline.contracts import model_file_uri, write_model_card
+    from pipeline.fs import filesystem
+
+    uri = "file://" + str(tmp_path / "earlier")
+    fs = filesystem(uri)
+    local = tmp_path / "m.keras"
+    model.save(str(local))
+    fs.write_bytes(model_file_uri(uri), local.read_bytes())
+    write_model_card(fs, uri, {"model_id": "x", "classes": classes, "normalization": {"mean": [0.0] * 3,
+                                                                                       "std": [1.0] * 3},
+                               "image": {"height": 32, "width": 32, "channels": 3, "format": "png"},
+                               "config": {"train": {"model": SMALL}}})
+    return uri
+
+
+def test_warm_start_keeps_the_head_only_when_the_classes_match(tmp_path, small_model):
+    from pipeline.train.init_weights import resolve
+
+    uri = _model_dir(tmp_path, small_model, {"a": 0, "b": 1, "c": 2})
+    same = _fresh()
+    src = resolve(uri, same, {"a": 0, "b": 1, "c": 2}, model_name=SMALL)
+    assert (src.kind, src.loaded, src.model_dir) == ("model_dir", "all", uri)
+    assert src.uri == uri + "/model/model.keras"
+    assert _same(same.get_weights(), small_model.get_weights())
+
+    other = build_model(SMALL, (32, 32, 3), 5)
+    head = other.get_layer(HEAD_LAYER).get_weights()
+    src = resolve(uri, other, {f"k{i}": i for i in range(5)}, model_name=SMALL)
+    assert src.loaded == "backbone"
+    assert _same(backbone_of(other).get_weights(), backbone_of(small_model).get_weights())
+    assert _same(other.get_layer(HEAD_LAYER).get_weights(), head)
+
+    with pytest.raises(ConfigError, match="holds a mobilenet_v3_small model but train.model is convnext_tiny"):
+        resolve(uri, None, {"a": 0}, model_name="convnext_tiny")
+    with pytest.raises(ConfigError, match="neither a weights file"):
+        resolve("file://" + str(tmp_path), None, {"a": 0}, model_name=SMALL)
