@@ -216,3 +216,138 @@ def test_warm_start_keeps_the_head_only_when_the_classes_match(tmp_path, small_m
         resolve(uri, None, {"a": 0}, model_name="convnext_tiny")
     with pytest.raises(ConfigError, match="neither a weights file"):
         resolve("file://" + str(tmp_path), None, {"a": 0}, model_name=SMALL)
+
+
+# --- slow: every backbone on 2 Horovod ranks (one launch), a fresh process, the CLI ----------
+
+_LOAD_ALL = r"""
+import json, sys
+import numpy as np
+import keras
+out = {}
+for path in sys.argv[1:]:
+    model = keras.saving.load_model(path, safe_mode=True)
+    x = np.random.default_rng(0).uniform(0, 255, size=(2,) + tuple(model.input_shape[1:])).astype("float32")
+    out[path] = model.predict(x, verbose=0).sum(axis=1).tolist()
+print(json.dumps({"sums": out, "modules": sorted(m for m in sys.modules if m.startswith("pipeline"))}))
+"""
+
+
+@pytest.mark.slow
+def test_every_backbone_steps_on_two_ranks_to_identical_weights_and_loads_without_pixelmill(spark, tmp_path):
+    import horovod.spark
+
+    save_dir = str(tmp_path)
+
+    def step_every_backbone():
+        import keras
+        import tensorflow as tf
+
+        import horovod.tensorflow as hvd
+        from pipeline.train.models import BACKBONES, build_model
+        from pipeline.train.outputs import weights_digest
+        from pipeline.train.worker import _train_step
+
+        hvd.init()
+        rank, out = hvd.rank(), {}
+        for i, name in enumerate(BACKBONES):
+            channels = 1 if i % 2 else 3  # half of them fed grey images
+            keras.utils.set_random_seed(100 + rank)  # different on each rank: the broadcast must fix it
+            model = build_model(name, (32, 32, channels), 3)
+            optimizer = keras.optimizers.Adam(1e-3)
+            optimizer.build(model.trainable_variables)
+            for v in [*model.variables, *optimizer.variables]:
+                v.assign(hvd.broadcast(v.value, root_rank=0, name=f"{name}_init_{v.path}"))
+            step = _train_step(hvd, model, optimizer, rate=lambda it: tf.constant(1e-3, tf.float32),
+                               num_classes=3, label_smoothing=0.0, mixed=False)
+            x = tf.random.stateless_uniform((2, 32, 32, channels), seed=(rank, i), maxval=255.0)
+            loss = float(step(x, tf.constant([rank, 2 - rank], tf.int32))[0])
+            for v in model.non_trainable_variables:
+                v.assign(hvd.allreduce(v.value, op=hvd.Average, name=f"{name}_sync_{v.path}"))
+            out[name] = {"digest": weights_digest([v.numpy() for v in model.variables]), "loss": loss}
+            if rank == 0:
+                model.save(f"{save_dir}/{name}.keras")
+        return out
+
+    results = horovod.spark.run(step_every_backbone, num_proc=2, use_gloo=True, nics=["lo"], start_timeout=120,
+                                env={"TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": "1"})
+    assert len(results) == 2
+    for name in BACKBONES:
+        assert results[0][name]["digest"] == results[1][name]["digest"], name
+        assert np.isfinite(results[0][name]["loss"])
+    paths = [str(tmp_path / f"{name}.keras") for name in BACKBONES]
+    out = subprocess.run([sys.executable, "-c", _LOAD_ALL, *paths], capture_output=True, text=True, timeout=900,
+                         cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3",
+                                            "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["modules"] == []
+    for path in paths:
+        assert res["sums"][path] == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ingested_32(spark, raw_sample, sample_config, tmp_path_factory) -> str:
+    """The sample corpus ingested at 32x32, the backbones' minimum."""
+    from pipeline import ingest
+    from pipeline.config import load_config
+
+    cfg = load_config(["local.yaml"], ["spark.ui_enabled=false", "ingest.height=32", "ingest.width=32",
+                                       "ingest.color_mode=RGB", "ingest.max_train_procs=2"])
+    out = "file://" + str(tmp_path_factory.mktemp("ingested32") / "out")
+    ingest.run(spark, cfg, input_uri="file://" + str(raw_sample), output_uri=out, mode="error")
+    return out
+
+
+def test_a_backbone_on_too_small_images_fails_before_launch(spark, sample_config, ingested_sample, tmp_path):
+    from pipeline import train
+
+    cfg = sample_config.model_copy(update={"train": sample_config.train.model_copy(update={"model": "resnet50"})})
+    with pytest.raises(ConfigError) as exc:
+        train.run(spark, cfg, data_uri=ingested_sample, model_dir="file://" + str(tmp_path / "m"))
+    assert str(exc.value).startswith("train.model=resnet50 needs images of at least 32x32 but --data holds 16x16")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing_imagenet", "mismatched_file"])
+def test_cli_refuses_missing_or_mismatched_weights_in_one_line(ingested_32, tmp_path, repo_root, case):
+    import os
+
+    if case == "missing_imagenet":
+        init, needle = "imagenet", (f"{BACKBONES[SMALL].weights_file} is not in {tmp_path / 'kh' / 'models'}/")
+    else:
+        bad = tmp_path / "large.weights.h5"
+        backbone_of(build_model("mobilenet_v3_large", (32, 32, 3), 3)).save_weights(str(bad))
+        init, needle = str(bad), "does not fit train.model=mobilenet_v3_small: layer "
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--data", ingested_32, "--model-dir", str(tmp_path / "m"),
+         "--config", "local.yaml", "--set", "spark.ui_enabled=false", "--set", "train.batch_size=8",
+         "--set", f"train.model={SMALL}", "--set", f"train.init_weights={init}"],
+        capture_output=True, text=True, timeout=600, cwd=repo_root,
+        env=dict(os.environ, KERAS_HOME=str(tmp_path / "kh")))
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("pixelmill train: error: train.init_weights") and needle in last, last
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_training_a_backbone_warm_started_from_a_weights_file_records_it(spark, sample_config, ingested_32,
+                                                                        tmp_path):
+    import hashlib
+
+    from pipeline import train
+
+    start = tmp_path / "start.weights.h5"
+    backbone_of(build_model(SMALL, (32, 32, 3), 3)).save_weights(str(start))
+    cfg = sample_config.model_copy(update={"train": sample_config.train.model_copy(
+        update={"model": SMALL, "epochs": 1, "batch_size": 8, "init_weights": "file://" + str(start)})})
+    model_dir = tmp_path / "m"
+    summary = train.run(spark, cfg, data_uri=ingested_32, model_dir="file://" + str(model_dir))
+    assert summary["weights_sha256"][0] == summary["weights_sha256"][1]
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["init_weights"] == {"kind": "file", "uri": "file://" + str(start), "loaded": "backbone",
+                                    "sha256": hashlib.sha256(start.read_bytes()).hexdigest()}
+    assert card["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
+    assert card["config"]["loader"]["normalize"] == "none"
