@@ -1,8 +1,9 @@
 """Keras application backbones and ``train.init_weights``: build, preprocess, load weights, fail in one line.
 
 Building a backbone costs seconds on CPU, so the default suite builds only the smallest
-(``mobilenet_v3_small``) and the caffe preprocessing of the ResNets on its own; every backbone
-is built, saved and stepped on 2 Horovod ranks in the slow tests (one launch for all).
+(``mobilenet_v3_small``) and the caffe preprocessing of the ResNets on its own. The slow tests
+step two backbones (one per preprocessing kind) on 2 Horovod ranks in one launch, and build and
+save every backbone and load them all in one fresh process that never imports pixelmill.
 """
 from __future__ import annotations
 
@@ -218,7 +219,63 @@ def test_warm_start_keeps_the_head_only_when_the_classes_match(tmp_path, small_m
         resolve("file://" + str(tmp_path), None, {"a": 0}, model_name=SMALL)
 
 
-# --- slow: every backbone on 2 Horovod ranks (one launch), a fresh process, the CLI ----------
+# --- slow: two backbones on 2 Horovod ranks, every backbone in a fresh process, the CLI ------
+
+#: One backbone per preprocessing kind: the application's own layers, and caffe (fed grey images).
+STEPPED = {"mobilenet_v3_small": 3, "resnet50": 1}
+
+
+@pytest.mark.slow
+def test_two_backbones_step_on_two_ranks_to_identical_weights(spark):
+    """One launch, one eager ``hvd.DistributedGradientTape`` step per backbone, batch 2 at 32x32."""
+    import horovod.spark
+
+    stepped = dict(STEPPED)
+
+    def step_backbones():
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        import keras
+
+        import horovod.tensorflow as hvd
+        from pipeline.train.models import BACKBONES, build_model
+        from pipeline.train.outputs import weights_digest
+
+        hvd.init()
+        rank, out = hvd.rank(), {}
+        loss_obj = keras.losses.CategoricalCrossentropy()
+        for i, (name, channels) in enumerate(stepped.items()):
+            size = BACKBONES[name].min_size
+            keras.utils.set_random_seed(100 + rank)  # different on each rank: the broadcast must fix it
+            model = build_model(name, (size, size, channels), 3)
+            optimizer = keras.optimizers.Adam(1e-3)
+            optimizer.build(model.trainable_variables)
+            for v in [*model.variables, *optimizer.variables]:
+                v.assign(hvd.broadcast(v.value, root_rank=0, name=f"{name}_init_{v.path}"))
+            x = tf.random.stateless_uniform((2, size, size, channels), seed=(rank, i), maxval=255.0)
+            y = tf.one_hot(tf.constant([rank, 2 - rank], tf.int32), 3)
+            with tf.GradientTape() as tape:  # eager: no tracing of a whole application per rank
+                loss = loss_obj(y, model(x, training=True))
+            tape = hvd.DistributedGradientTape(tape)
+            grads = tape.gradient(loss, [v.value for v in model.trainable_variables])
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            for v in model.non_trainable_variables:  # BatchNorm statistics saw each rank's own batch
+                v.assign(hvd.allreduce(v.value, op=hvd.Average, name=f"{name}_sync_{v.path}"))
+            out[name] = {"digest": weights_digest([v.numpy() for v in model.variables]), "loss": float(loss),
+                         "steps": int(optimizer.iterations.numpy())}
+        return out
+
+    results = horovod.spark.run(step_backbones, num_proc=2, use_gloo=True, nics=["lo"], start_timeout=120,
+                                env={"TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": "1"})
+    assert len(results) == 2
+    for name in STEPPED:
+        assert results[0][name]["digest"] == results[1][name]["digest"], name
+        assert results[0][name]["steps"] == results[1][name]["steps"] == 1, name
+        assert np.isfinite(results[0][name]["loss"]) and np.isfinite(results[1][name]["loss"]), name
+        assert results[0][name]["loss"] != results[1][name]["loss"], name  # the ranks did see different batches
+
 
 _LOAD_ALL = r"""
 import json, sys
@@ -227,63 +284,40 @@ import keras
 out = {}
 for path in sys.argv[1:]:
     model = keras.saving.load_model(path, safe_mode=True)
-    x = np.random.default_rng(0).uniform(0, 255, size=(2,) + tuple(model.input_shape[1:])).astype("float32")
-    out[path] = model.predict(x, verbose=0).sum(axis=1).tolist()
-print(json.dumps({"sums": out, "modules": sorted(m for m in sys.modules if m.startswith("pipeline"))}))
+    x = np.load(path[:-len(".keras")] + ".npy")
+    out[path] = np.asarray(model(x, training=False)).tolist()
+print(json.dumps({"probs": out, "modules": sorted(m for m in sys.modules if m.split(".")[0] == "pipeline")}))
 """
 
 
 @pytest.mark.slow
-def test_every_backbone_steps_on_two_ranks_to_identical_weights_and_loads_without_pixelmill(spark, tmp_path):
-    import horovod.spark
+def test_every_backbone_loads_in_safe_mode_in_a_process_without_pixelmill(tmp_path):
+    """Each backbone at its minimum size, saved, loaded in ONE fresh process: the same predictions."""
+    import os
 
-    save_dir = str(tmp_path)
-
-    def step_every_backbone():
-        import keras
-        import tensorflow as tf
-
-        import horovod.tensorflow as hvd
-        from pipeline.train.models import BACKBONES, build_model
-        from pipeline.train.outputs import weights_digest
-        from pipeline.train.worker import _train_step
-
-        hvd.init()
-        rank, out = hvd.rank(), {}
-        for i, name in enumerate(BACKBONES):
-            channels = 1 if i % 2 else 3  # half of them fed grey images
-            keras.utils.set_random_seed(100 + rank)  # different on each rank: the broadcast must fix it
-            model = build_model(name, (32, 32, channels), 3)
-            optimizer = keras.optimizers.Adam(1e-3)
-            optimizer.build(model.trainable_variables)
-            for v in [*model.variables, *optimizer.variables]:
-                v.assign(hvd.broadcast(v.value, root_rank=0, name=f"{name}_init_{v.path}"))
-            step = _train_step(hvd, model, optimizer, rate=lambda it: tf.constant(1e-3, tf.float32),
-                               num_classes=3, label_smoothing=0.0, mixed=False)
-            x = tf.random.stateless_uniform((2, 32, 32, channels), seed=(rank, i), maxval=255.0)
-            loss = float(step(x, tf.constant([rank, 2 - rank], tf.int32))[0])
-            for v in model.non_trainable_variables:
-                v.assign(hvd.allreduce(v.value, op=hvd.Average, name=f"{name}_sync_{v.path}"))
-            out[name] = {"digest": weights_digest([v.numpy() for v in model.variables]), "loss": loss}
-            if rank == 0:
-                model.save(f"{save_dir}/{name}.keras")
-        return out
-
-    results = horovod.spark.run(step_every_backbone, num_proc=2, use_gloo=True, nics=["lo"], start_timeout=120,
-                                env={"TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": "1"})
-    assert len(results) == 2
-    for name in BACKBONES:
-        assert results[0][name]["digest"] == results[1][name]["digest"], name
-        assert np.isfinite(results[0][name]["loss"])
-    paths = [str(tmp_path / f"{name}.keras") for name in BACKBONES]
-    out = subprocess.run([sys.executable, "-c", _LOAD_ALL, *paths], capture_output=True, text=True, timeout=900,
+    paths, want = [], {}
+    for i, (name, bb) in enumerate(BACKBONES.items()):
+        channels = 1 if i % 2 else 3  # half of them fed grey images
+        model = build_model(name, (bb.min_size, bb.min_size, channels), 3)
+        x = np.random.default_rng(i).uniform(0, 255, size=(2, bb.min_size, bb.min_size, channels)).astype("float32")
+        path = str(tmp_path / f"{name}.keras")
+        model.save(path)
+        np.save(str(tmp_path / f"{name}.npy"), x)
+        want[path] = np.asarray(model(x, training=False))
+        paths.append(path)
+        del model
+    out = subprocess.run([sys.executable, "-c", _LOAD_ALL, *paths], capture_output=True, text=True, timeout=600,
                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3",
-                                            "HOME": str(tmp_path)})
+                                            "HOME": str(tmp_path), "OMP_NUM_THREADS": os.environ.get(
+                                                "OMP_NUM_THREADS", "2")})
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["modules"] == []
     for path in paths:
-        assert res["sums"][path] == pytest.approx([1.0, 1.0], abs=1e-4)
+        got = np.asarray(res["probs"][path], np.float32)
+        assert got.shape == (2, 3), path
+        np.testing.assert_allclose(got, want[path], rtol=1e-4, atol=1e-5, err_msg=path)
+        np.testing.assert_allclose(got.sum(axis=1), [1.0, 1.0], atol=1e-4, err_msg=path)
 
 
 @pytest.fixture(scope="module")
