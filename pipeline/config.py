@@ -157,7 +157,17 @@ class EarlyStoppingConfig(_Section):
 class TrainConfig(_Section):
     """Horovod-on-Spark training (see :mod:`pipeline.train`)."""
 
-    model: Literal["compact_cnn", "resnet"] = "compact_cnn"
+    #: ``compact_cnn`` / ``resnet`` (from scratch, inputs normalised by ``loader.normalize``) or a Keras application
+    #: backbone: ``resnet50``, ``resnet101``, ``mobilenet_v3_small``, ``mobilenet_v3_large``, ``efficientnet_v2_b0``,
+    #: ``convnext_tiny`` (images of at least 32x32; the model does its own preprocessing, so the loader feeds raw
+    #: 0..255 pixels whatever ``loader.normalize`` says; grey images are repeated to RGB inside the model).
+    model: Literal["compact_cnn", "resnet", "resnet50", "resnet101", "mobilenet_v3_small", "mobilenet_v3_large",
+                   "efficientnet_v2_b0", "convnext_tiny"] = "compact_cnn"
+    #: Weights a fresh run starts from: null = random; ``imagenet`` = the backbone's standard Keras no-top file in
+    #: ``$KERAS_HOME/models/`` (never downloaded); a URI of a ``*.weights.h5`` / ``*.keras`` file holding the
+    #: backbone; or a URI of an earlier model-dir (warm start: backbone and head when the classes match, else the
+    #: backbone with a new head). Ignored when resuming from a checkpoint.
+    init_weights: Optional[str] = None
     num_proc: int = Field(2, ge=1, le=1024)
     epochs: int = Field(10, ge=1, le=10_000)
     #: Per-process batch size.

@@ -68,4 +68,4 @@ def test_bad_arguments_name_the_problem(args, needle):
     with pytest.raises(ConfigError, match=None) as exc:
         build_model(*args)
     assert needle in str(exc.value)
-    assert set(MODEL_NAMES) == {"compact_cnn", "resnet"}
+    assert {"compact_cnn", "resnet"} <= set(MODEL_NAMES)

@@ -32,6 +32,7 @@ from pipeline.contracts import MODEL_CARD, manifest_sha256, model_file_uri, read
 from pipeline.errors import ConfigError, DataError, InvariantError, TrainingError
 from pipeline.fs import filesystem, join, to_uri
 from pipeline.train import checkpoints
+from pipeline.train.models import for_model, input_size_problem
 from pipeline.train.progress import ProgressReader, Watchdog
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,6 +111,9 @@ def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, mode
     if train_rows < tc.batch_size * tc.num_proc:
         raise DataError(f"the train split has {train_rows} rows, fewer than one global batch "
                         f"(train.batch_size={tc.batch_size} x train.num_proc={tc.num_proc}): lower train.batch_size")
+    problem = input_size_problem(tc.model, int(manifest.image.height), int(manifest.image.width))
+    if problem:
+        raise ConfigError(problem)
     if int(manifest.splits.get("val", 0)) < 1:
         log.warning("--data %s has no val split: early stopping watches the train metric instead", data_uri)
     return manifest
@@ -156,6 +160,25 @@ def _existing_result(fs: "FileSystem", model_dir: str, cfg: "Config",
             "exported_epoch": card.get("exported_epoch"), "stopped_early": card.get("stopped_early", False),
             "metrics": card.metrics, "resumed_from": found[1], "epochs_run": 0, "skipped": True,
             "num_proc": cfg.train.num_proc}
+
+
+def check_init_weights(cfg: "Config", manifest: "IngestManifest") -> Optional[Dict[str, Any]]:
+    """Resolve ``train.init_weights`` and trial-load it into the model training builds (before launch).
+
+    Returns the plain-data source for the Horovod processes and the model card, or None.
+    """
+    tc = cfg.train
+    if not tc.init_weights:
+        return None
+    from pipeline.imaging.stored import ImageSpec
+    from pipeline.train.init_weights import resolve
+    from pipeline.train.models import build_model
+
+    model = build_model(tc.model, ImageSpec.from_manifest(manifest).shape, len(manifest.classes), dropout=tc.dropout,
+                        weight_decay=tc.weight_decay, width=tc.width, convs_per_block=tc.convs_per_block)
+    source = resolve(tc.init_weights, model, manifest.classes, model_name=tc.model)
+    log.info("train.init_weights: %s weights (%s) from %s", source.kind, source.loaded, source.uri)
+    return source.to_card()
 
 
 def horovod_env(cfg: "Config") -> Dict[str, str]:
@@ -215,11 +238,14 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
 
     assert_on_driver()
     t0 = time.time()
+    cfg = for_model(cfg)
     data_uri, model_dir = to_uri(data_uri), to_uri(model_dir)
     manifest = validate_inputs(spark, cfg, data_uri=data_uri, model_dir=model_dir, mode=mode)
     fs = _model_dir_fs(model_dir)
     manifest_sha = manifest_sha256(data_uri, filesystem(data_uri, spark))
     fp = fingerprint(cfg, manifest, manifest_sha)
+    fresh = mode == "overwrite" or not fs.exists(model_dir) or checkpoints.find_latest(fs, model_dir) is None
+    init = check_init_weights(cfg, manifest) if fresh else None
     if mode == "overwrite" and fs.exists(model_dir):
         log.warning("--mode overwrite: deleting %s", model_dir)
         fs.delete(model_dir)
@@ -231,7 +257,7 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
     fs.mkdirs(model_dir)
     spec = {"run_id": uuid.uuid4().hex, "data_uri": data_uri, "model_dir": model_dir, "cfg": cfg.to_dict(),
             "manifest_sha256": manifest_sha, "fingerprint": fp, "fault": faults.armed(),
-            "num_proc": cfg.train.num_proc}
+            "num_proc": cfg.train.num_proc, "init_weights": init}
     results = _launch(spark, cfg, spec, fs)
     summary = _summary(results, model_dir, launched_unix=spec["_launched_unix"], t0=t0)
     log.info("training done: %d epochs (%d this run), %s, model %s", summary["epochs_completed"],

@@ -5,8 +5,11 @@ classes), so the exported ``model.keras`` loads with
 ``keras.saving.load_model(path, safe_mode=True)`` in a process that has never
 imported pixelmill (see docs/contracts.md, "Training output").
 
-Inputs are normalised float32 ``(height, width, channels)`` images; outputs are
-class probabilities (a float32 softmax, also under mixed precision).
+Inputs are float32 ``(height, width, channels)`` images; outputs are class probabilities
+(a float32 softmax, also under mixed precision). ``compact_cnn`` and ``resnet`` take pixels
+normalised by the loader (``loader.normalize``); the Keras application backbones
+(:data:`BACKBONES`) take raw 0..255 pixels and carry their own preprocessing as layers,
+so training and scoring feed them the same thing (see :func:`for_model`).
 
 >>> model = build_model("compact_cnn", (28, 28, 1), 10)  # doctest: +SKIP
 >>> model.output_shape  # doctest: +SKIP
@@ -15,6 +18,7 @@ class probabilities (a float32 softmax, also under mixed precision).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,7 +26,38 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = ("compact_cnn", "resnet")
+
+@dataclass(frozen=True)
+class Backbone:
+    """A Keras application used as a pretrained-capable backbone (``include_top=False``)."""
+
+    #: ``keras.applications`` constructor.
+    factory: str
+    #: The standard ImageNet no-top weight file, as Keras names it in ``$KERAS_HOME/models/``.
+    weights_file: str
+    #: ``caffe``: BGR mean subtraction built here as layers; ``included``: the application's own
+    #: ``include_preprocessing`` layers (0..255 in).
+    preprocessing: str
+    #: Smallest height/width the application accepts.
+    min_size: int = 32
+
+
+#: ``train.model`` names of the Keras application backbones.
+BACKBONES: Dict[str, Backbone] = {
+    "resnet50": Backbone("ResNet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "caffe"),
+    "resnet101": Backbone("ResNet101", "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5", "caffe"),
+    "mobilenet_v3_small": Backbone("MobileNetV3Small", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+                                   "included"),
+    "mobilenet_v3_large": Backbone("MobileNetV3Large", "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
+                                   "included"),
+    "efficientnet_v2_b0": Backbone("EfficientNetV2B0", "efficientnetv2-b0_notop.h5", "included"),
+    "convnext_tiny": Backbone("ConvNeXtTiny", "convnext_tiny_notop.h5", "included"),
+}
+MODEL_NAMES = ("compact_cnn", "resnet", *BACKBONES)
+#: Name of the classifier layer (replaced by a new one when a warm start changes the classes).
+HEAD_LAYER = "probabilities"
+#: Caffe-style ImageNet means, in BGR order (what ``keras.applications.resnet.preprocess_input`` subtracts).
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 #: BatchNorm moving-average momentum: 0.9 (not Keras' 0.99) so the inference statistics
 #: are usable after tens of steps, as in short or small-data runs.
 BN_MOMENTUM = 0.9
@@ -51,7 +86,7 @@ def _classifier_head(x: Any, num_classes: int, *, dropout: float, name: str = "c
     if dropout > 0:
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
     # float32 softmax: probabilities stay exact under a mixed_float16 policy.
-    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name=HEAD_LAYER)(x)
 
 
 def compact_cnn(input_shape: Tuple[int, int, int], num_classes: int, *, dropout: float = 0.25,
@@ -138,6 +173,90 @@ def resnet(input_shape: Tuple[int, int, int], num_classes: int, *, dropout: floa
     return keras.Model(inputs, outputs, name="resnet")
 
 
+def is_backbone(name: str) -> bool:
+    return name in BACKBONES
+
+
+def input_size_problem(name: str, height: int, width: int) -> str:
+    """Empty when ``train.model=name`` accepts ``height x width`` images, else a one-line reason."""
+    bb = BACKBONES.get(name)
+    if bb is None or min(height, width) >= bb.min_size:
+        return ""
+    return (f"train.model={name} needs images of at least {bb.min_size}x{bb.min_size} but --data holds "
+            f"{height}x{width}: re-ingest with ingest.height/width >= {bb.min_size}")
+
+
+def for_model(cfg: Any) -> Any:
+    """``cfg`` as training and the model card see it: backbones take raw 0..255 pixels.
+
+    A backbone does its own preprocessing inside the model, so ``loader.normalize`` is
+    ``none`` for it whatever the config says; other models keep ``loader.normalize``.
+    """
+    if not is_backbone(cfg.train.model) or cfg.loader.normalize == "none":
+        return cfg
+    log.info("train.model=%s preprocesses inside the model: the loader feeds raw 0..255 pixels "
+             "(loader.normalize=%s is not used)", cfg.train.model, cfg.loader.normalize)
+    return cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"normalize": "none"})})
+
+
+def _caffe_preprocess(x: Any) -> Any:
+    """RGB 0..255 -> BGR minus the ImageNet means: a frozen 1x1 convolution (safe-mode loadable)."""
+    from keras import layers
+
+    conv = layers.Conv2D(3, 1, use_bias=True, trainable=False, dtype="float32", name="caffe_preprocess")
+    y = conv(x)
+    import numpy as np
+
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for out_channel in range(3):  # BGR output channel c reads RGB input channel 2 - c
+        kernel[0, 0, 2 - out_channel, out_channel] = 1.0
+    conv.set_weights([kernel, -np.asarray(CAFFE_MEAN_BGR, np.float32)])
+    return y
+
+
+def backbone_model(name: str, input_shape: Tuple[int, int, int], num_classes: int, *,
+                   dropout: float = 0.25) -> "keras.Model":
+    """A Keras application (random weights) between its preprocessing and a softmax head.
+
+    ``image (0..255) -> [grey -> RGB] -> [caffe preprocessing] -> backbone -> global average
+    pooling -> dropout -> float32 softmax``. The application is the one nested model
+    (:func:`backbone_of`), under the name Keras gives it; its ImageNet file loads into it.
+    """
+    import keras
+    from keras import layers
+
+    from pipeline.errors import ConfigError
+
+    bb = BACKBONES[name]
+    h, w, c = input_shape
+    problem = input_size_problem(name, h, w)
+    if problem:
+        raise ConfigError(problem)
+    if c not in (1, 3):
+        raise ConfigError(f"train.model={name} needs 1- or 3-channel images, --data has {c} channels")
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    if c == 1:  # grey images fill all three channels the application expects
+        x = layers.Concatenate(axis=-1, name="grey_to_rgb")([x, x, x])
+    if bb.preprocessing == "caffe":
+        x = _caffe_preprocess(x)
+    kwargs: Dict[str, Any] = {"include_preprocessing": True} if bb.preprocessing == "included" else {}
+    application = getattr(keras.applications, bb.factory)(include_top=False, weights=None, input_shape=(h, w, 3),
+                                                          **kwargs)
+    x = application(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = _classifier_head(x, num_classes, dropout=dropout)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def backbone_of(model: Any) -> Any:
+    """The Keras application nested in a backbone model (None for ``compact_cnn`` / ``resnet``)."""
+    import keras
+
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return nested[0] if len(nested) == 1 else None
+
+
 _FACTORIES: Dict[str, Callable[..., Any]] = {"compact_cnn": compact_cnn, "resnet": resnet}
 
 
@@ -148,17 +267,20 @@ def build_model(name: str, input_shape: Tuple[int, int, int], num_classes: int, 
     Parameters
     ----------
     name:
-        ``compact_cnn`` (default, small images) or ``resnet`` (larger images).
+        ``compact_cnn`` (default, small images), ``resnet`` (larger images) or a Keras
+        application backbone from :data:`BACKBONES` (:func:`backbone_model`).
     input_shape:
         ``(height, width, channels)`` from the ingest manifest.
     num_classes:
         Number of classes in the ingest manifest (>= 2).
     width, convs_per_block:
-        ``compact_cnn`` only: first-block filters and convs per block (``resnet`` ignores them).
+        ``compact_cnn`` only: first-block filters and convs per block (the others ignore them).
+    weight_decay:
+        L2 on the convolutions of ``compact_cnn`` and ``resnet`` (backbones ignore it).
     """
     from pipeline.errors import ConfigError
 
-    if name not in _FACTORIES:
+    if name not in MODEL_NAMES:
         raise ConfigError(f"config key 'train.model': unknown model {name!r} (allowed: {', '.join(MODEL_NAMES)})")
     if num_classes < 2:
         raise ConfigError(f"training needs at least 2 classes, the ingest manifest has {num_classes}")
@@ -168,6 +290,8 @@ def build_model(name: str, input_shape: Tuple[int, int, int], num_classes: int, 
     if not 1 <= int(convs_per_block) <= 4 or int(width) < 1:
         raise ConfigError(f"compact_cnn needs width >= 1 and 1..4 convs per block, got width={width}, "
                           f"convs_per_block={convs_per_block}")
+    if is_backbone(name):
+        return backbone_model(name, shape, int(num_classes), dropout=dropout)
     if name == "compact_cnn":
         return compact_cnn(shape, int(num_classes), dropout=dropout, weight_decay=weight_decay, width=int(width),
                            convs_per_block=int(convs_per_block))

@@ -7,7 +7,8 @@ manifest's hash, the armed fault plan), never the SparkSession. It:
    (:mod:`pipeline.train.gpu`), and enables mixed precision when configured;
 2. builds the model (:mod:`pipeline.train.models`) from the ingest manifest;
 3. rank 0 restores the last complete checkpoint (weights, optimizer state, epoch,
-   early-stopping state, history) and broadcasts everything;
+   early-stopping state, history) or, on a fresh start, loads ``train.init_weights``
+   (:mod:`pipeline.train.init_weights`), and broadcasts everything;
 4. trains data-parallel with ``hvd.DistributedGradientTape`` (Keras 3 with
    ``horovod.tensorflow``; ``horovod.tensorflow.keras`` is broken on Keras 3), the learning
    rate from :mod:`pipeline.train.schedule`, a fixed number of steps per epoch on every
@@ -50,7 +51,9 @@ def train_fn(spec: Dict[str, Any]) -> Dict[str, Any]:
     """
     from pipeline.config import Config
 
-    cfg = Config.model_validate(spec["cfg"])
+    from pipeline.train.models import for_model
+
+    cfg = for_model(Config.model_validate(spec["cfg"]))
     _setup_logging(int(os.environ.get("HOROVOD_RANK", "0")), cfg.train.verbose)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -216,6 +219,7 @@ class _Worker:
         self.fs.mkdirs(join(self.model_dir, CHECKPOINTS_DIR))
         found = checkpoints.find_latest(self.fs, self.model_dir)
         if found is None:
+            self._init_weights()
             return {}
         loaded = checkpoints.load(self.fs, self.model_dir, found[1], self.model, self.optimizer)
         if loaded.get("fingerprint") != self.spec["fingerprint"]:
@@ -225,6 +229,14 @@ class _Worker:
                  int(loaded["epoch"]), int(self.optimizer.iterations.numpy()))
         return {"epoch": int(loaded["epoch"]), "history": list(loaded["history"]),
                 "early_stopping": loaded["early_stopping"], "resumed_from": found[1]}
+
+    def _init_weights(self) -> None:
+        """A fresh run: ``train.init_weights`` as the driver resolved it (rank 0; the broadcast shares it)."""
+        if not self.spec.get("init_weights"):
+            return
+        from pipeline.train.init_weights import WeightsSource, apply
+
+        apply(self.model, WeightsSource.from_dict(self.spec["init_weights"]), model_name=self.tc.model)
 
     def _restore(self) -> None:
         state: Dict[str, Any] = {"epoch": 0, "history": [], "early_stopping": self.es.to_dict(),
