@@ -9,12 +9,17 @@ name, target, line, when = sys.argv[1:5]
 d = json.loads(line) if line else {}
 ratio = d.get("ratio")
 thr = float(re.search(r"([0-9.]+)", target).group(1))
-met = isinstance(ratio, (int, float)) and ratio >= thr
+# Benchmarks whose "ratio" is only the smallest of figures with different targets (peers: Ray
+# Data >= 1.0, Daft >= 0.5 / 0.25): their SECOND targets decide, not TARGET's first number.
+PER_FIGURE = {"peers"}
+met = isinstance(ratio, (int, float)) and (name in PER_FIGURE or ratio >= thr)
 # The issues' second targets, checked from the same JSON line: (key, op, bound).
 SECOND = {"ingest": [("ratio_fashion", ">=", 0.8), ("ratio_photos", ">=", 0.8)],
           "loader": [("loader_vs_training", ">=", 10.0)],
           "train": [("launch_overhead_s", "<=", 15.0)],
-          "score": [("vs_naive", ">=", 20.0)]}
+          "score": [("vs_naive", ">=", 20.0)],
+          "peers": [("ratio_vs_ray_fashion", ">=", 1.0), ("ratio_vs_ray_photos", ">=", 1.0),
+                    ("ratio_vs_daft_photos", ">=", 0.5), ("ratio_vs_daft_fashion", ">=", 0.25)]}
 checks = []
 for key, op, bound in SECOND.get(name, []):
     v = d.get(key)
@@ -24,4 +29,5 @@ for key, op, bound in SECOND.get(name, []):
 other = ", ".join(checks + [f"{k}={v}" for k, v in d.items()
                             if k != "ratio" and k not in {c[0] for c in SECOND.get(name, [])}
                             and not isinstance(v, dict)])
-print(f"| {name} | {ratio if ratio is not None else '-'} | {target} | {'yes' if met else 'no'} | {when} | {other} |")
+verdict = "no (quick run, not a measurement)" if d.get("quick") else ("yes" if met else "no")
+print(f"| {name} | {ratio if ratio is not None else '-'} | {target} | {verdict} | {when} | {other} |")
