@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
 from pydantic import ValidationError
 
-from pipeline.config import Config
+from pipeline.config import Config, format_validation_error
 from pipeline.contracts import (
     COMMIT_MARKER, METRICS_FILE, IngestManifest, ModelCard, read_manifest, read_model_card,
 )
@@ -227,9 +227,7 @@ def with_train(cfg: Config, **values: Any) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"config key '{key}': {err['msg']} (got {err.get('input')!r})") from None
+        raise ConfigError(format_validation_error(e)) from None
 
 
 def _check_same_input(manifest: IngestManifest, input_uri: str, ingest_uri: str) -> None:

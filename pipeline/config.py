@@ -304,7 +304,8 @@ def _apply_override(data: Dict[str, Any], parts: Sequence[str], value: Any) -> N
     node[parts[-1]] = value
 
 
-def _format_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming the config key a validation error is about (and the allowed keys or the bad value)."""
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
     msg = e["msg"]
@@ -355,4 +356,4 @@ def load_config(
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
