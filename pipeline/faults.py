@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 ENV = "PIXELMILL_FAULT_INJECT"
 MARKER_ENV = "PIXELMILL_FAULT_MARKER"
-POINTS = ("ingest.batch", "score.batch", "train.step")
-ACTIONS = ("raise", "kill", "exit", "hang", "drop_row")
-#: What each point interrupts, named in the injected error (tests match "injected scoring fault").
+#: The injection points, each with what it interrupts (named in the injected error).
 _WHAT = {"ingest.batch": "ingest", "score.batch": "scoring", "train.step": "training"}
+POINTS = tuple(_WHAT)
+ACTIONS = ("raise", "kill", "exit", "hang", "drop_row")
 
 
 @dataclass(frozen=True)
