@@ -11,7 +11,6 @@ Prints one JSON line with the rows written.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -21,13 +20,11 @@ import sys
 sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]
 
 
+from _args import ingest_parser  # noqa: E402 - the sibling file; the script's folder is on sys.path
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--height", type=int, required=True)
-    p.add_argument("--width", type=int, required=True)
-    p.add_argument("--mode", choices=["L", "RGB"], required=True)
+    p = ingest_parser(__doc__.splitlines()[0])
     a = p.parse_args(argv)
 
     import daft

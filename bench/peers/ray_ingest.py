@@ -11,7 +11,6 @@ locally on ``--cpus`` CPUs. Prints one JSON line with the rows processed.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -47,13 +46,11 @@ def clean(data: bytes, mode: str, tw: int, th: int) -> bytes:
     return buf.getvalue()
 
 
+from _args import ingest_parser  # noqa: E402 - the sibling file; the script's folder is on sys.path
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--height", type=int, required=True)
-    p.add_argument("--width", type=int, required=True)
-    p.add_argument("--mode", choices=["L", "RGB"], required=True)
+    p = ingest_parser(__doc__.splitlines()[0])
     p.add_argument("--cpus", type=int, default=2)
     a = p.parse_args(argv)
 
