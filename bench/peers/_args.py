@@ -1,7 +1,9 @@
-"""The command line both ingest peers take (imported by the sibling scripts; stdlib only)."""
+"""What the peer scripts share: the ingest peers' command line and a local Ray run (stdlib only at import)."""
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Callable
 
 
 def ingest_parser(description: str) -> argparse.ArgumentParser:
@@ -13,3 +15,17 @@ def ingest_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, required=True)
     p.add_argument("--mode", choices=["L", "RGB"], required=True)
     return p
+
+
+def on_local_ray(cpus: int, job: Callable[[], None]) -> int:
+    """Run ``job`` on a local Ray of ``cpus`` CPUs (no dashboard, loopback only), shut it down, print the peer line."""
+    import ray
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        job()
+    finally:
+        ray.shutdown()
+    print(json.dumps({"peer": "ray", "version": ray.__version__}), flush=True)
+    return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import sys
 
@@ -46,7 +45,7 @@ def clean(data: bytes, mode: str, tw: int, th: int) -> bytes:
     return buf.getvalue()
 
 
-from _args import ingest_parser  # noqa: E402 - the sibling file; the script's folder is on sys.path
+from _args import ingest_parser, on_local_ray  # noqa: E402 - the sibling file; the script's folder is on sys.path
 
 
 def main(argv: list[str]) -> int:
@@ -56,9 +55,6 @@ def main(argv: list[str]) -> int:
 
     import pyarrow as pa
     import ray
-
-    ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
     def clean_batch(batch: pa.Table) -> pa.Table:
         blobs = batch.column("bytes").to_pylist()
@@ -73,14 +69,12 @@ def main(argv: list[str]) -> int:
             "image": pa.array([clean(b, a.mode, a.width, a.height) for b in blobs], pa.binary()),
         })
 
-    try:
+    def job() -> None:
         ds = ray.data.read_binary_files(a.input, include_paths=True)
         ds = ds.map_batches(clean_batch, batch_format="pyarrow", batch_size=256)
         ds.write_parquet(a.output)
-    finally:
-        ray.shutdown()
-    print(json.dumps({"peer": "ray", "version": ray.__version__}), flush=True)
-    return 0
+
+    return on_local_ray(a.cpus, job)
 
 
 if __name__ == "__main__":

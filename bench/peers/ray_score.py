@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from _args import on_local_ray  # the sibling file; the script's folder is on sys.path
+
 
 class Predictor:
     """Loads the model once per actor; maps a batch of encoded images to predictions."""
@@ -69,19 +71,15 @@ def main(argv: list[str]) -> int:
 
     import ray
 
-    ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    def job() -> None:
         # One actor per CPU, each TF on one thread; each reserves half a CPU, because with a
         # whole one each the listing, read and write tasks (1 CPU each) would wait forever.
         ds = ray.data.read_parquet(a.data, file_extensions=["parquet"]).select_columns(["image_id", "label", "image"])
         ds = ds.map_batches(Predictor, fn_constructor_kwargs={"model_dir": a.model_dir}, batch_format="pyarrow",
                             batch_size=a.batch_size, compute=ray.data.ActorPoolStrategy(size=a.cpus), num_cpus=0.5)
         ds.write_parquet(a.output)
-    finally:
-        ray.shutdown()
-    print(json.dumps({"peer": "ray", "version": ray.__version__}), flush=True)
-    return 0
+
+    return on_local_ray(a.cpus, job)
 
 
 if __name__ == "__main__":
