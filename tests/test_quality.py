@@ -134,7 +134,9 @@ def test_groups_are_the_connected_components_named_by_their_smallest_id(spark):
     rows = _planted(300, seed=3)
     d = 6
     df = spark.createDataFrame(rows, "image_id string, phash long")
-    out = {r.image_id: (r.near_dup_group, r.near_dup_size) for r in with_near_dup_groups(df, distance=d).collect()}
+    got = with_near_dup_groups(df, distance=d, max_group=2).collect()
+    out = {r.image_id: (r.near_dup_group, r.near_dup_size) for r in got}
+    assert all(r.near_dup_oversized == (r.near_dup_size > 2) for r in got)
     assert len(out) == len(rows)
     # brute-force components over images (equal hashes are distance 0)
     parent = {i: i for i, _ in rows}

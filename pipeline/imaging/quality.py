@@ -69,8 +69,8 @@ def hamming(a: int, b: int) -> int:
 class QualityThresholds:
     """When a measure becomes a flag (``ingest.quality``); values on 0..255 where they are pixel levels."""
 
-    dark_below: float = 40.0
-    bright_above: float = 215.0
+    dark_below: float = 20.0
+    bright_above: float = 235.0
     low_information_below: float = 2.0
     blurry_below: float = 20.0
     upscaled_above: float = 2.0

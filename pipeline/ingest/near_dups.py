@@ -6,18 +6,22 @@ Two hashes within distance ``d`` differ in at most ``d`` blocks, so they agree e
 at least two of them (pigeonhole): every one of the ``C(m, 2)`` block pairs is a join key, a
 self-join on equal keys yields every candidate pair, and ``bit_count(a ^ b) <= d`` keeps the
 true ones. Recall is exact; the keys have ``128 / (d + 2)`` bits (21 at ``d = 4``), so
-buckets stay small for random-looking hashes. The pairs' connected components, found by
-iterated min-label propagation on executors, are the groups; a group is named by its
-smallest ``image_id`` (its "earliest member"), whose split the others follow under
-``ingest.near_duplicates: same_split``.
+buckets stay small for random-looking hashes. That join is the work that grows with the
+data, and it runs on executors as Spark SQL on ``LongType`` hashes (no Python worker).
 
-All of it is Spark SQL on ``LongType`` hashes: no Python worker is involved.
+The pairs' connected components are the groups: the pairs stream to the driver into a
+union-find (:func:`roots_of`; memory grows with the images that have a near-duplicate, not
+with all images), and the hash -> root map is broadcast back. A group is named by its
+smallest ``image_id`` (its "earliest member"), whose split the others follow under
+``ingest.near_duplicates: same_split``. A group larger than ``ingest.near_dup_max_group`` is
+a sign of a distance too loose for the data (similar-looking images chain together): it is
+marked oversized and reported, never acted on.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
 
 from pipeline.imaging.quality import HASH_BITS
 
@@ -25,10 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame
 
 log = logging.getLogger(__name__)
-
-#: How many label-propagation rounds a component may need before the job gives up (its diameter).
-MAX_ROUNDS = 64
-
 
 def blocks(distance: int) -> List[Tuple[int, int]]:
     """(shift, width) of the ``distance + 2`` blocks covering the 64 bits."""
@@ -72,45 +72,57 @@ def hash_pairs(hashes: "DataFrame", *, distance: int, hash_col: str = "phash") -
     )
 
 
-def components(nodes: "DataFrame", edges: "DataFrame") -> "DataFrame":
-    """``(node, root)``: each node's smallest connected node, by min-label propagation.
+def roots_of(pairs: Iterable[Tuple[int, int]]) -> Dict[int, int]:
+    """Each hash of ``pairs`` -> the smallest hash of its connected component (union-find).
 
-    ``nodes`` has a column ``node``; ``edges`` has ``a``, ``b`` (undirected). Each round every
-    node takes the smallest root among itself and its neighbours; it stops when a round changes
-    nothing (rounds = the largest component's diameter, small for near-duplicate groups).
+    Runs on the driver over the pairs streamed from the executors: its memory grows with
+    the number of images that have a near-duplicate, never with the number of images.
+    """
+    parent: Dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while x != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    nodes = set(parent) | set(parent.values())
+    return {x: find(x) for x in nodes}
+
+
+def with_near_dup_groups(df: "DataFrame", *, distance: int, max_group: int, id_col: str = "image_id",
+                         hash_col: str = "phash") -> "DataFrame":
+    """``df`` plus ``near_dup_group`` (the group's smallest ``id_col``; null for an image without a
+    near-duplicate), ``near_dup_size`` (1 then) and ``near_dup_oversized`` (the group has more than
+    ``max_group`` members: a distance too loose for the data chains similar images together, and
+    such a group is reported, never acted on). ``hash_col`` must not be null. Images with equal
+    hashes are always one group.
+
+    Everything the driver sees is per hash that has a near-duplicate or an equal twin; the
+    images are touched by one aggregation, the pair join, and one broadcast join.
     """
     from pyspark.sql import functions as F
 
-    both = edges.select("a", "b").unionByName(edges.select(F.col("b").alias("a"), F.col("a").alias("b"))).cache()
-    labels = nodes.select("node", F.col("node").alias("root")).localCheckpoint()
+    per_hash = df.groupBy(hash_col).agg(F.count(F.lit(1)).alias("n"), F.min(id_col).alias("first")).cache()
     try:
-        for _ in range(MAX_ROUNDS):
-            offered = both.join(labels, on=both["a"] == labels["node"], how="inner").select(
-                F.col("b").alias("node"), F.col("root"))
-            nxt = (labels.unionByName(offered).groupBy("node").agg(F.min("root").alias("root"))).localCheckpoint()
-            changed = (nxt.alias("n").join(labels.alias("o"), on="node", how="inner")
-                       .filter(F.col("n.root") != F.col("o.root")).limit(1).count())
-            labels = nxt
-            if not changed:
-                return labels
-        raise RuntimeError(f"near-duplicate groups did not settle in {MAX_ROUNDS} rounds")
+        pairs = hash_pairs(per_hash, distance=distance, hash_col=hash_col).select("a", "b")
+        roots = roots_of((r.a, r.b) for r in pairs.toLocalIterator())
+        twins = {r[hash_col]: r[hash_col] for r in per_hash.filter(F.col("n") > 1).select(hash_col).toLocalIterator()}
+        mapping = df.sparkSession.createDataFrame(list((twins | roots).items()), f"{hash_col} long, _root long")
+        groups = (per_hash.join(F.broadcast(mapping), on=hash_col, how="inner")
+                  .groupBy("_root").agg(F.sum("n").cast("int").alias("near_dup_size"),
+                                        F.min("first").alias("near_dup_group")))
+        member = F.broadcast(mapping.join(groups, on="_root", how="inner").drop("_root")).localCheckpoint()
     finally:
-        both.unpersist()
-
-
-def with_near_dup_groups(df: "DataFrame", *, distance: int, id_col: str = "image_id",
-                         hash_col: str = "phash") -> "DataFrame":
-    """``df`` plus ``near_dup_group`` (the group's smallest ``id_col``; null for an image without
-    a near-duplicate) and ``near_dup_size``. Images with equal hashes are always one group."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    nodes = df.select(F.col(hash_col).alias("node")).distinct()
-    roots = components(nodes, hash_pairs(df, distance=distance, hash_col=hash_col))
-    w = Window.partitionBy("_root")
+        per_hash.unpersist()
     return (
-        df.join(roots.select(F.col("node").alias(hash_col), F.col("root").alias("_root")), on=hash_col, how="left")
-        .withColumn("near_dup_size", F.count(F.lit(1)).over(w).cast("int"))
-        .withColumn("near_dup_group", F.when(F.col("near_dup_size") > 1, F.min(id_col).over(w)))
-        .drop("_root")
+        df.join(member, on=hash_col, how="left")
+        .withColumn("near_dup_size", F.coalesce(F.col("near_dup_size"), F.lit(1)))
+        .withColumn("near_dup_oversized", F.col("near_dup_size") > F.lit(max_group))
     )
