@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -68,8 +69,34 @@ def train_fn(spec: Dict[str, Any]) -> Dict[str, Any]:
     hvd.init()
     try:
         return _Worker(spec, cfg, hvd).run()
+    except Exception as e:
+        if _is_peer_loss(e):
+            # horovod.spark.run names the first process to exit, polled once a second. A rank that only
+            # saw a peer vanish waits so the rank that actually failed (killed, OOM, raised) exits first
+            # and is the one the driver's one-line error names.
+            log.warning("a Horovod peer failed (%s): exiting after %.0f s", type(e).__name__, PEER_LOSS_GRACE_S)
+            time.sleep(PEER_LOSS_GRACE_S)
+        raise
     finally:
         sys.stderr.flush()
+
+
+# Longer than two of horovod.spark's one-second exit-code polls.
+PEER_LOSS_GRACE_S = 3.0
+_PEER_LOSS = re.compile(r"gloo|connection (closed|reset)|broken pipe|horovod (has been )?shut ?down|peer", re.I)
+
+
+def _is_peer_loss(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank went away (not this rank's own fault)."""
+    try:
+        from horovod.common.exceptions import HorovodInternalError
+    except ImportError:  # pragma: no cover
+        HorovodInternalError = ()  # type: ignore[assignment,misc]
+    if isinstance(err, HorovodInternalError):
+        return True
+    import tensorflow as tf
+
+    return isinstance(err, tf.errors.OpError) and bool(_PEER_LOSS.search(str(err)))
 
 
 def _setup_logging(rank: int, verbose: int) -> None:
