@@ -51,6 +51,25 @@ class SparkConfig(_Section):
         return v
 
 
+QualityFlag = Literal["dark", "bright", "low_information", "blurry", "upscaled", "extreme_aspect"]
+
+
+class QualityConfig(_Section):
+    """When an image measure becomes a quality flag (:mod:`pipeline.imaging.quality`, ``docs/ingest.md``)."""
+
+    #: Mean luminance (0..255) below which an image is ``dark``, above which it is ``bright``.
+    dark_below: float = Field(20.0, ge=0, le=255)
+    bright_above: float = Field(235.0, ge=0, le=255)
+    #: Entropy (bits, 0..8) of the luminance histogram below which an image is ``low_information``.
+    low_information_below: float = Field(2.0, ge=0, le=8)
+    #: Variance of the Laplacian of the stored-size luminance below which an image is ``blurry``.
+    blurry_below: float = Field(20.0, ge=0)
+    #: The stored size over the original's (larger side ratio) above which an image is ``upscaled``.
+    upscaled_above: float = Field(2.0, ge=1)
+    #: The original's long side over its short side above which it has an ``extreme_aspect``.
+    aspect_above: float = Field(3.0, ge=1)
+
+
 class IngestConfig(_Section):
     """Cleaning, normalising and partitioning raw images (see :mod:`pipeline.ingest`)."""
 
@@ -93,6 +112,20 @@ class IngestConfig(_Section):
     batch_rows: int = Field(512, ge=1, le=100_000)
     #: Seed for the within-split row shuffle and the hash split.
     seed: int = 0
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    #: Quality flags that reject an image (reason ``quality_flag``); others are only reported.
+    reject_flags: Tuple[QualityFlag, ...] = ()
+    #: What a near-duplicate group (perceptual hashes within near_dup_distance) does to the splits:
+    #: ``same_split`` moves hash-placed members into the split of the group's earliest member
+    #: (given split folders win; a group spanning given splits is a reported leak), ``keep_one``
+    #: keeps the earliest member and rejects the others (``near_duplicate``), ``report`` only counts,
+    #: ``off`` does not look for them (hashes and flags are still stored).
+    near_duplicates: Literal["same_split", "keep_one", "report", "off"] = "same_split"
+    #: Largest Hamming distance (of 64 bits) between the pHashes of two near-duplicates; 0 = equal hashes.
+    near_dup_distance: int = Field(4, ge=0, le=16)
+    #: A group with more members than this is reported as oversized and left alone (a distance too
+    #: loose for the data chains look-alike images together).
+    near_dup_max_group: int = Field(64, ge=2)
 
     @field_validator("image_extensions", mode="after")
     @classmethod

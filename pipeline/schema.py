@@ -41,6 +41,14 @@ IMAGE_FIELDS: Tuple[Field, ...] = (
     Field("image", np.bytes_, "binary"),         # encoded bytes, exactly what training reads
 )
 
+#: Columns of ``images/`` that ingest adds for data quality (``docs/ingest.md`` "Data quality").
+#: Readers never require them: outputs written before them lack them, and appends fill them with null.
+QUALITY_FIELDS: Tuple[Field, ...] = (
+    Field("phash", np.int64, "bigint", True),                   # 64-bit perceptual hash (signed)
+    Field("quality_flags", object, "array<string>", True),      # pipeline.imaging.quality.FLAGS raised
+    Field("near_dup_group", np.str_, "string", True),           # smallest image_id of its near-duplicate group
+)
+
 REJECT_FIELDS: Tuple[Field, ...] = (
     Field("source_path", np.str_, "string"),
     Field("reason", np.str_, "string"),
@@ -49,6 +57,9 @@ REJECT_FIELDS: Tuple[Field, ...] = (
 )
 
 IMAGE_COLUMNS = tuple(f.name for f in IMAGE_FIELDS)
+QUALITY_COLUMNS = tuple(f.name for f in QUALITY_FIELDS)
+#: What ingest writes to ``images/``, in this order.
+STORED_IMAGE_COLUMNS = IMAGE_COLUMNS + QUALITY_COLUMNS
 REJECT_COLUMNS = tuple(f.name for f in REJECT_FIELDS)
 
 

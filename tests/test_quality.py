@@ -161,3 +161,158 @@ def test_groups_are_the_connected_components_named_by_their_smallest_id(spark):
             assert group == (min(members) if len(members) > 1 else None)
     assert any(len(m) >= 3 for m in comps.values()), "a chain must make a group of three"
     assert out["z_same"][0] is not None and out["z_same"][0] == out["r0000"][0], "equal hashes are one group"
+
+
+# --- ingest: near-duplicate policies, flags, manifest, examples (real Fashion-MNIST images) ----------
+
+QUALITY_OVERRIDES = ("ingest.height=28", "ingest.width=28", "ingest.color_mode=L", "ingest.max_train_procs=1",
+                     "ingest.near_dup_distance=4")
+
+
+def _distinct_originals(n: int, min_distance: int = 14):
+    """``n`` real Fashion-MNIST training images (with labels) whose pHashes are pairwise far apart."""
+    from pipeline.sample_data import CLASSES, load_split, locate_fashion_mnist
+
+    images, labels = load_split(locate_fashion_mnist(), "train")
+    chosen, hashes = [], []
+    for img, lab in zip(images, labels):
+        im = Image.fromarray(img)
+        h = phash(im)
+        if img.mean() > 60 and all(hamming(h, o) >= min_distance for o in hashes):
+            chosen.append((im, CLASSES[lab]))
+            hashes.append(h)
+            if len(chosen) == n:
+                return chosen
+    raise AssertionError("not enough distinct images")
+
+
+def _variants(im: Image.Image):
+    """Three edits of ``im`` that a person calls the same picture: re-encoded, resized, brightened."""
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=70)
+    return {"jpg": buf.getvalue(), "resized.png": im.resize((34, 34), Image.Resampling.LANCZOS),
+            "bright.png": ImageEnhance.Brightness(im).enhance(1.15)}
+
+
+def _save(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, bytes):
+        path.write_bytes(obj)
+    else:
+        obj.save(path)
+
+
+@pytest.fixture(scope="module")
+def quality_inputs(tmp_path_factory):
+    """Two inputs of real images with planted near-duplicates: ``flat`` (splits from the content hash)
+    and ``given`` (train/ and test/ folders, 5 test images are edits of train images)."""
+    originals = _distinct_originals(36)
+    root = tmp_path_factory.mktemp("quality_inputs")
+    flat, given = root / "flat", root / "given"
+    for i, (im, label) in enumerate(originals[:30]):
+        _save(flat / label / f"orig_{i:02d}.png", im)
+        if i < 10:
+            for suffix, v in _variants(im).items():
+                _save(flat / label / f"dup_{i:02d}.{suffix}", v)
+    dark = Image.fromarray((np.asarray(originals[30][0], np.float32) * 0.05).astype(np.uint8))
+    _save(flat / originals[30][1] / "planted_dark.png", dark)
+    _save(flat / originals[31][1] / "planted_upscaled.png", originals[31][0].resize((11, 11), Image.Resampling.LANCZOS))
+    wide = np.concatenate([np.asarray(originals[32][0])] * 4, axis=1)  # 28 x 112
+    _save(flat / originals[32][1] / "planted_wide.png", Image.fromarray(wide))
+    flatgrey = np.full((28, 28), 128, np.uint8)
+    flatgrey[::7, ::7] = 140
+    _save(flat / originals[33][1] / "planted_flat.png", Image.fromarray(flatgrey))
+    for i, (im, label) in enumerate(originals[:20]):
+        _save(given / "train" / label / f"orig_{i:02d}.png", im)
+        if i < 5:
+            _save(given / "test" / label / f"edited_{i:02d}.png", _variants(im)["bright.png"])
+    for i, (im, label) in enumerate(originals[20:30]):
+        _save(given / "test" / label / f"other_{i:02d}.png", im)
+    return {"flat": flat, "given": given}
+
+
+def _ingest(spark, src, tmp_path, *sets):
+    import json
+
+    from pipeline import ingest
+    from pipeline.config import load_config
+
+    cfg = load_config(["local.yaml"], ["spark.ui_enabled=false", "spark.log_level=ERROR", *QUALITY_OVERRIDES, *sets])
+    out = tmp_path / "out"
+    ingest.run(spark, cfg, input_uri=str(src), output_uri=str(out), mode="overwrite")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    images = spark.read.parquet(str(out / "images")).select(
+        "source_path", "split", "phash", "quality_flags", "near_dup_group").toPandas()
+    rejects = spark.read.parquet(str(out / "rejects")).toPandas()
+    assert manifest["files_seen"] == manifest["accepted"] + sum(manifest["rejected"].values())
+    assert len(images) == manifest["accepted"] and len(rejects) == sum(manifest["rejected"].values())
+    return manifest, images, rejects, json.loads((out / "_quality_examples.json").read_text())
+
+
+def _name(p):
+    return p.rsplit("/", 1)[-1]
+
+
+@pytest.mark.slow
+def test_same_split_puts_every_near_duplicate_group_in_one_split(spark, quality_inputs, tmp_path):
+    manifest, images, rejects, examples = _ingest(spark, quality_inputs["flat"], tmp_path)
+    near = manifest["quality"]["near_duplicates"]
+    images["name"] = images["source_path"].map(_name)
+    in_groups = images[images["near_dup_group"].notna()]
+    # the 10 planted groups (an original and its 3 edits), and nothing else among far-apart originals
+    assert near["groups"] == 10 and near["images_in_groups"] == 40 and len(in_groups) == 40
+    for _, g in in_groups.groupby("near_dup_group"):
+        assert sorted(n.split("_")[1][:2] for n in g["name"]) == [g["name"].iloc[0].split("_")[1][:2]] * 4
+        assert g["split"].nunique() == 1, g
+    assert near["cross_split_groups"] == {} and near["leaked_images"] == {}
+    assert near["moved"] > 0  # with 10 groups of 4 hash-placed images, some landed apart before
+    assert manifest["splits"] == images["split"].value_counts().to_dict()
+    assert rejects.empty
+    # quality flags of the planted images
+    flagged = {n: set(f) for n, f in zip(images["name"], images["quality_flags"])}
+    assert "dark" in flagged["planted_dark.png"]
+    assert "upscaled" in flagged["planted_upscaled.png"]
+    assert "extreme_aspect" in flagged["planted_wide.png"]
+    assert "low_information" in flagged["planted_flat.png"]
+    assert not flagged["orig_00.png"] & {"dark", "upscaled", "extreme_aspect", "low_information"}
+    counts = manifest["quality"]["flags"]
+    for flag in ("dark", "upscaled", "extreme_aspect", "low_information"):
+        assert sum(per[flag] for per in counts.values()) == sum(flag in f for f in flagged.values())
+        assert examples["flags"][flag], flag
+    assert 1 <= len(examples["near_duplicate_pairs"]) <= 6
+    a, b = examples["near_duplicate_pairs"][0]
+    assert a["png"] and b["png"] and a["source_path"] != b["source_path"]
+
+
+@pytest.mark.slow
+def test_given_splits_win_and_their_near_duplicates_are_reported_as_leaks(spark, quality_inputs, tmp_path):
+    manifest, images, rejects, _ = _ingest(spark, quality_inputs["given"], tmp_path,
+                                           "ingest.carve_val_from_train=false")
+    near = manifest["quality"]["near_duplicates"]
+    assert near["cross_split_groups"] == {"test+train": 5}
+    assert near["leaked_images"] == {"test": 5, "train": 5}
+    assert near["moved"] == 0 and manifest["splits"] == {"test": 15, "train": 20}
+    edited = images[images["source_path"].str.contains("edited_")]
+    assert (edited["split"] == "test").all() and edited["near_dup_group"].notna().all()
+
+
+@pytest.mark.slow
+def test_keep_one_rejects_the_others_and_reject_flags_reject(spark, quality_inputs, tmp_path):
+    manifest, images, rejects, _ = _ingest(spark, quality_inputs["given"], tmp_path,
+                                           "ingest.carve_val_from_train=false", "ingest.near_duplicates=keep_one")
+    near = manifest["quality"]["near_duplicates"]
+    assert manifest["rejected"] == {"near_duplicate": 5} and near["rejected"] == 5
+    assert near["cross_split_groups"] == {} and near["leaked_images"] == {}
+    assert rejects["detail"].str.contains("near-duplicate").all()
+    kept = images.groupby("near_dup_group").size()
+    assert (kept == 1).all() and len(kept) == 5
+
+    manifest, images, rejects, _ = _ingest(spark, quality_inputs["flat"], tmp_path, "ingest.near_duplicates=report",
+                                           "ingest.reject_flags=[low_information]")
+    names = set(rejects["source_path"].map(_name))
+    # the near-constant image, and the darkened one (0.05 x its levels leaves few grey values)
+    assert "planted_flat.png" in names and names <= {"planted_flat.png", "planted_dark.png"}
+    assert manifest["rejected"] == {"quality_flag": len(names)}
+    assert rejects["detail"].str.contains("low_information").all()
+    assert manifest["quality"]["near_duplicates"]["policy"] == "report"
+    assert manifest["quality"]["near_duplicates"]["groups"] == 10

@@ -15,6 +15,10 @@ Checks run in this order; the first one that fails names the reject reason
 5. ``too_small``       - a side is shorter than ``ingest.min_side``
 6. ``animated``        - more than one frame and ``ingest.animated: reject``
 7. ``corrupt``         - the full decode fails (truncated, bad checksum, ...)
+8. ``quality_flag``    - a quality flag named in ``ingest.reject_flags`` is raised
+
+Every accepted image also gets its 64-bit perceptual hash and its quality flags
+(:mod:`pipeline.imaging.quality`), measured on the stored pixels in the same pass.
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Dict, Sequence, Tuple
 
 import numpy as np
 
+from pipeline.imaging import quality
 from pipeline.imaging.reasons import (
-    ANIMATED, BAD_EXTENSION, CORRUPT, DECOMPRESSION_BOMB, EMPTY, NOT_AN_IMAGE, TOO_SMALL,
+    ANIMATED, BAD_EXTENSION, CORRUPT, DECOMPRESSION_BOMB, EMPTY, NOT_AN_IMAGE, QUALITY_FLAG, TOO_SMALL,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +59,8 @@ class ImageOptions:
     image_extensions: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
     alpha_background: int = 255
     pad_value: int = 0
+    thresholds: quality.QualityThresholds = quality.QualityThresholds()
+    reject_flags: Tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: "IngestConfig") -> "ImageOptions":
@@ -63,6 +70,7 @@ class ImageOptions:
             png_compress_level=cfg.png_compress_level, min_side=cfg.min_side,
             max_pixels=cfg.max_pixels, animated=cfg.animated, image_extensions=tuple(cfg.image_extensions),
             alpha_background=cfg.alpha_background, pad_value=cfg.pad_value,
+            thresholds=quality.QualityThresholds(**cfg.quality.model_dump()), reject_flags=tuple(cfg.reject_flags),
         )
 
     @property
@@ -82,6 +90,8 @@ class Cleaned:
     pixel_sum: Tuple[float, ...]
     pixel_sumsq: Tuple[float, ...]
     pixel_count: int
+    phash: int = 0  #: :func:`pipeline.imaging.quality.phash` of the stored pixels
+    flags: Tuple[str, ...] = ()  #: :data:`pipeline.imaging.quality.FLAGS` raised
 
 
 @dataclass(frozen=True)
@@ -233,6 +243,7 @@ def clean_image(data: bytes, path: str, opts: ImageOptions) -> Cleaned | Rejecte
         return Rejected(CORRUPT, _first_line(e))
     try:
         w, h = im.size
+        original = (w, h)
         if w * h > opts.max_pixels:
             return Rejected(DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels > ingest.max_pixels={opts.max_pixels}")
         if min(w, h) < opts.min_side:
@@ -261,8 +272,13 @@ def clean_image(data: bytes, path: str, opts: ImageOptions) -> Cleaned | Rejecte
     else:  # stats of what training will decode, not of the pre-JPEG pixels
         with Image.open(io.BytesIO(encoded)) as back:
             arr = np.asarray(back)
+    raised = tuple(quality.flags(quality.measure(arr, original_size=original), opts.thresholds))
+    bad = [f for f in raised if f in opts.reject_flags]
+    if bad:
+        return Rejected(QUALITY_FLAG, f"quality flags {', '.join(bad)} are in ingest.reject_flags")
     s, sq, n = _stats(arr)
-    return Cleaned(encoded, opts.height, opts.width, opts.channels, opts.encode_format, s, sq, n)
+    return Cleaned(encoded, opts.height, opts.width, opts.channels, opts.encode_format, s, sq, n,
+                   phash=quality.phash(im), flags=raised)
 
 
 def channel_mean_std(sums: Sequence[float], sumsqs: Sequence[float], count: int) -> Dict[str, Any]:

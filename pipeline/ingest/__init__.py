@@ -37,10 +37,10 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.fs import FileSystem, filesystem, join, to_uri
 from pipeline.imaging.clean import ImageOptions
 from pipeline.imaging.reasons import ALREADY_INGESTED
-from pipeline.ingest import accounting, extract, layout, load, transform
+from pipeline.ingest import accounting, extract, layout, load, quality, transform
 from pipeline.ingest.accounting import check_invariant, class_mapping
 from pipeline.ingest.layout import layout_has_val
-from pipeline.schema import IMAGE_COLUMNS, REJECT_COLUMNS
+from pipeline.schema import QUALITY_FIELDS, REJECT_COLUMNS, STORED_IMAGE_COLUMNS
 from pipeline.spark import assert_on_driver, set_job_description, task_slots, temporary_confs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,6 +91,8 @@ class _Outputs(NamedTuple):
     rejects: "DataFrame"
     run: accounting.RunCounts
     total: accounting.Totals
+    quality: Dict[str, Any]  #: the manifest's ``quality`` block
+    examples: Dict[str, Any]  #: thumbnails for the report (:data:`.quality.EXAMPLES_FILE`)
 
 
 def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, mode: str = "error") -> Dict[str, Any]:
@@ -220,7 +222,9 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     spark, listing = job.spark, scan.listing
     resolved = _persisted(held, resolved, StorageLevel.MEMORY_AND_DISK)
     t = time.perf_counter()
-    set_job_description(spark, f"ingest: clean {listing.files_seen} files")
+    set_job_description(spark, f"ingest: clean {listing.files_seen} files and group near-duplicates")
+    resolved, near = quality.apply(resolved, job.cfg, prior.images if prior is not None else None)
+    timings["near_dups_s"] = round(time.perf_counter() - t, 3)  # includes the scan, which it runs first
     groups = accounting.group_counts(resolved)
     scanned = sum(g["n"] for g in groups)
     if scanned < listing.files_seen:
@@ -241,7 +245,12 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     accounting.check_run_accounted(listing.files_seen, run_)
     total = accounting.totals(prior.manifest if prior else None, run_, listing.files_seen, job.cfg,
                               ImageOptions.from_config(job.cfg).channels)
-    return _Outputs(*_to_write(resolved, prior, total.classes), run_, total)
+    set_job_description(spark, "ingest: quality flags and examples")
+    t = time.perf_counter()
+    block = quality.block(job.cfg, quality.flag_counts(resolved), near, prior.manifest if prior else None)
+    shown = quality.examples(resolved)
+    timings["quality_s"] = round(time.perf_counter() - t, 3)
+    return _Outputs(*_to_write(resolved, prior, total.classes), run_, total, block, shown)
 
 
 def _to_write(resolved: "DataFrame", prior: Optional[_Prior],
@@ -251,13 +260,17 @@ def _to_write(resolved: "DataFrame", prior: Optional[_Prior],
 
     images = (
         resolved.filter(F.col("reason").isNull())
-        .select(*[c for c in IMAGE_COLUMNS if c != "label_index"])
+        .select(*[c for c in STORED_IMAGE_COLUMNS if c != "label_index"])
         .transform(transform.with_label_index, classes)
-        .select(*IMAGE_COLUMNS)
+        .select(*STORED_IMAGE_COLUMNS)
     )
     rejects = resolved.filter(F.col("reason").isNotNull() & (F.col("reason") != ALREADY_INGESTED)).select(*REJECT_COLUMNS)
     if prior is not None:
-        images = images.unionByName(prior.images.select(*IMAGE_COLUMNS))
+        old = prior.images
+        # outputs written before the quality columns existed get them as nulls
+        old = old.withColumns({f.name: F.lit(None).cast(f.spark_type) for f in QUALITY_FIELDS
+                               if f.name not in old.columns})
+        images = images.unionByName(old.select(*STORED_IMAGE_COLUMNS))
         rejects = rejects.unionByName(prior.rejects.select(*REJECT_COLUMNS))
     return images, rejects
 
@@ -297,6 +310,8 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
             cfg=icfg, prior=prior.manifest if prior else None, input_uri=job.input_uri, output_uri=job.output_uri,
             mode=job.mode, carved=scan.carved, total=total, run=out.run, files_seen=scan.listing.files_seen,
             row_groups=row_groups, timings=timings)
+        manifest["quality"] = out.quality
+        staged.write_json(join(staging, quality.EXAMPLES_FILE), out.examples)
         write_manifest(staged, staging, manifest)
     log.info("ingest: committed %s: %d accepted, %d rejected, splits %s, %.0f files/s", job.output_uri,
              total.accepted, sum(total.rejected.values()), manifest["splits"], manifest["images_per_second"])

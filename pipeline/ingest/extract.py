@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 PROCESSED_DDL = (
     "source_path string, image_id string, label string, split string, reason string, detail string, "
     "image binary, height int, width int, channels int, format string, "
-    "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, npix long"
+    "s0 double, s1 double, s2 double, q0 double, q1 double, q2 double, npix long, "
+    "phash long, quality_flags array<string>, split_source string"
 )
 STAT_COLS = ("s0", "s1", "s2", "q0", "q1", "q2")
 _COLUMNS = tuple(c.split()[0] for c in PROCESSED_DDL.split(", "))
-_IMAGE_ONLY = ("image", "height", "width", "channels", "format", *STAT_COLS, "npix")
+_IMAGE_ONLY = ("image", "height", "width", "channels", "format", *STAT_COLS, "npix", "phash", "quality_flags")
 
 
 @dataclass(frozen=True)
@@ -133,14 +134,14 @@ def _clean_one(path: str, content: Optional[bytes], opts: imc.ImageOptions, labe
     if isinstance(res, imc.Cleaned) and label_source == "folders" and label is None:
         res = imc.Rejected(NO_LABEL, "file is not inside a class folder (<input>/[<split>/]<label>/...)")
     row: Dict[str, Any] = {"source_path": layout.normalize_source(path), "image_id": iid, "label": label,
-                           "split": split}
+                           "split": split, "split_source": layout.split_source(path, **where)}
     if not isinstance(res, imc.Cleaned):
         return {**row, "reason": res.reason, "detail": res.detail[:1000], **dict.fromkeys(_IMAGE_ONLY)}
     sums = list(res.pixel_sum) + [None] * (3 - len(res.pixel_sum))
     sqs = list(res.pixel_sumsq) + [None] * (3 - len(res.pixel_sumsq))
     return {**row, "reason": None, "detail": None, "image": res.image, "height": res.height, "width": res.width,
             "channels": res.channels, "format": res.format, **dict(zip(STAT_COLS, sums + sqs)),
-            "npix": res.pixel_count}
+            "npix": res.pixel_count, "phash": res.phash, "quality_flags": list(res.flags)}
 
 
 def _frame(rows: Mapping[str, List[Any]]) -> pd.DataFrame:
@@ -151,6 +152,9 @@ def _frame(rows: Mapping[str, List[Any]]) -> pd.DataFrame:
         "format": rows["format"],
         **{k: pd.array(rows[k], dtype="Float64") for k in STAT_COLS},
         "npix": pd.array(rows["npix"], dtype="Int64"),
+        "phash": pd.array(rows["phash"], dtype="Int64"),
+        "quality_flags": rows["quality_flags"],
+        "split_source": rows["split_source"],
     })
 
 

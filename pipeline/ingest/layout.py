@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from pipeline.fs import is_under
 from pipeline.schema import UNLABELED_SPLIT
@@ -113,6 +113,20 @@ def place(path: str, image_id_hex: str, *, root_uri: str, label_source: str, fra
     if split is None:
         split = UNLABELED_SPLIT if label_source == "none" else hash_split(image_id_hex, fractions, seed)
     return split, label
+
+
+#: How a file's split was chosen (:func:`split_source`): a split folder, the hash carving val out
+#: of the layout's ``train/``, or the content hash alone. Near-duplicate handling may move only
+#: ``hash`` rows, and ``carved`` rows between train and val.
+SPLIT_SOURCES = ("folder", "carved", "hash")
+
+
+def split_source(path: str, *, root_uri: str, carve: Optional[Mapping[str, float]] = None, **_: Any) -> str:
+    """Which of :data:`SPLIT_SOURCES` gave ``path`` its split (the same arguments as :func:`place`)."""
+    split, _rest = layout_split(relative_parts(path, root_uri))
+    if split is None:
+        return "hash"
+    return "carved" if split == "train" and carve is not None else "folder"
 
 
 def layout_has_val(fs: "FileSystem", input_uri: str) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Tuple
 
 from pipeline.imaging.quality import HASH_BITS
 
@@ -126,3 +126,114 @@ def with_near_dup_groups(df: "DataFrame", *, distance: int, max_group: int, id_c
         .withColumn("near_dup_size", F.coalesce(F.col("near_dup_size"), F.lit(1)))
         .withColumn("near_dup_oversized", F.col("near_dup_size") > F.lit(max_group))
     )
+
+
+#: ``split_source`` of rows already in the output on append: never moved, never rejected.
+STORED = "stored"
+
+
+def with_near_duplicates(df: "DataFrame", *, policy: str, distance: int, max_group: int,
+                         stored: "DataFrame | None" = None) -> Tuple["DataFrame", Dict[str, Any]]:
+    """Apply ``ingest.near_duplicates`` to the accepted rows of ``df`` (:data:`pipeline.ingest.extract.PROCESSED_DDL`).
+
+    Returns ``(frame, summary)``: ``frame`` has ``df``'s columns plus ``near_dup_group``,
+    ``near_dup_size`` and ``near_dup_oversized`` (null / 1 / false outside a group), with ``split`` changed by ``same_split`` and ``reason`` /
+    ``detail`` by ``keep_one``. ``stored`` (on append: the output's ``image_id, phash, split``)
+    takes part in the groups but is never moved or rejected, so new files follow the stored ones.
+
+    Every group has one *anchor*: its member with the smallest ``image_id`` among those whose
+    split was given (a split folder, or already stored), else among all. ``same_split`` moves a
+    member into the anchor's split when its own split came from the content hash (or, carved out
+    of ``train/``, when the anchor is in train or val); ``keep_one`` keeps the anchor and rejects
+    the rest. Oversized groups are left alone. Only the rows that have a near-duplicate are
+    decided (a small frame); they are joined back by ``image_id``.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from pipeline.imaging.reasons import NEAR_DUPLICATE
+
+    cols = ["image_id", "phash", "split", "split_source", "source_path"]
+    acc = df.filter(F.col("reason").isNull() & F.col("phash").isNotNull()).select(*cols)
+    if stored is not None:
+        acc = acc.unionByName(stored.filter(F.col("phash").isNotNull()).select(
+            "image_id", "phash", "split", F.lit(STORED).alias("split_source"), "source_path"))
+    grouped = with_near_dup_groups(acc, distance=distance, max_group=max_group).filter(
+        F.col("near_dup_group").isNotNull())
+    given = F.col("split_source").isin("folder", STORED)
+    anchor = F.min(F.struct((~given).alias("o"), F.col("image_id").alias("i"), F.col("split").alias("s"),
+                            F.col("source_path").alias("p"))).over(Window.partitionBy("near_dup_group"))
+    d = grouped.withColumn("_a", anchor)
+    acting = ~F.col("near_dup_oversized") & (F.col("split_source") != STORED)
+    split = F.col("split")
+    if policy == "same_split":
+        movable = (F.col("split_source") == "hash") | (
+            (F.col("split_source") == "carved") & F.col("_a.s").isin("train", "val"))
+        split = F.when(acting & movable, F.col("_a.s")).otherwise(F.col("split"))
+    reject = acting & (F.col("image_id") != F.col("_a.i")) if policy == "keep_one" else F.lit(False)
+    everyone = d.select(
+        "image_id", "split_source", split.alias("_split"), F.col("split").alias("_split_before"),
+        F.when(reject, F.lit(NEAR_DUPLICATE)).alias("_reason"),
+        F.when(reject, F.concat(F.lit(f"near-duplicate (pHash within Hamming distance {distance}) of "),
+                                F.col("_a.p"))).alias("_detail"),
+        "near_dup_group", "near_dup_size", "near_dup_oversized",
+    ).localCheckpoint()
+    summary = summarize(everyone) | {"policy": policy, "distance": distance, "max_group": max_group}
+    decided = everyone.filter(F.col("split_source") != STORED).drop("split_source")
+    n = summary["images_in_groups"]
+    log.info("ingest: %d images in %d near-duplicate groups (distance %d), %d cross-split groups", n,
+             summary["groups"], distance, sum(summary["cross_split_groups"].values()))
+    small = F.broadcast(decided) if n <= 2_000_000 else decided
+    hit = F.col("reason").isNull() & F.col("_split").isNotNull()
+    return (
+        df.join(small, on="image_id", how="left")
+        .select(
+            *[c for c in df.columns if c not in ("split", "reason", "detail")],
+            F.when(hit, F.col("_split")).otherwise(F.col("split")).alias("split"),
+            F.when(hit & F.col("_reason").isNotNull(), F.col("_reason")).otherwise(F.col("reason")).alias("reason"),
+            F.when(hit & F.col("_reason").isNotNull(), F.col("_detail")).otherwise(F.col("detail")).alias("detail"),
+            F.when(hit, F.col("near_dup_group")).alias("near_dup_group"),
+            F.when(hit, F.col("near_dup_size")).otherwise(F.lit(1)).alias("near_dup_size"),
+            F.when(hit, F.col("near_dup_oversized")).otherwise(F.lit(False)).alias("near_dup_oversized"),
+        )
+        .select(*df.columns, "near_dup_group", "near_dup_size", "near_dup_oversized")
+    ), summary
+
+
+def summarize(members: "DataFrame") -> Dict[str, Any]:
+    """Counts of near-duplicate groups from one row per member (``near_dup_group``, ``near_dup_size``,
+    ``near_dup_oversized``, ``_split`` after the policy, ``_split_before``, ``_reason``).
+
+    A group whose kept members are in more than one split is *cross-split*: listed by its splits
+    (``"test+train"``), and each of its kept members in split ``s`` counts as a leaked image of
+    ``s``. Oversized groups are counted apart (they were left alone).
+    """
+    from pyspark.sql import functions as F
+
+    kept = members.filter(F.col("_reason").isNull())
+    per_group = kept.groupBy("near_dup_group").agg(
+        F.array_sort(F.collect_set("_split")).alias("splits"), F.first("near_dup_oversized").alias("over"))
+    shapes = per_group.groupBy("splits", "over").agg(F.count(F.lit(1)).alias("groups")).collect()
+    leaked = (kept.join(per_group.filter((F.size("splits") > 1) & ~F.col("over")), "near_dup_group")
+              .groupBy("_split").count().collect())
+    totals = members.agg(
+        F.count(F.lit(1)).alias("images"), F.countDistinct("near_dup_group").alias("groups"),
+        F.coalesce(F.max("near_dup_size"), F.lit(0)).alias("largest"),
+        F.sum(F.when(F.col("_split") != F.col("_split_before"), 1).otherwise(0)).alias("moved"),
+        F.sum(F.when(F.col("_reason").isNotNull(), 1).otherwise(0)).alias("rejected"),
+    ).first()
+    over = members.filter(F.col("near_dup_oversized")).agg(F.countDistinct("near_dup_group")).first()[0]
+    cross: Dict[str, int] = {}
+    cross_over: Dict[str, int] = {}
+    for r in shapes:
+        if len(r["splits"]) > 1:
+            into = cross_over if r["over"] else cross
+            into["+".join(r["splits"])] = into.get("+".join(r["splits"]), 0) + int(r["groups"])
+    return {
+        "images_in_groups": int(totals["images"]), "groups": int(totals["groups"]),
+        "largest_group": int(totals["largest"]), "oversized_groups": int(over or 0),
+        "moved": int(totals["moved"] or 0), "rejected": int(totals["rejected"] or 0),
+        "cross_split_groups": dict(sorted(cross.items())),
+        "leaked_images": {r["_split"]: int(r["count"]) for r in sorted(leaked, key=lambda r: r["_split"])},
+        "oversized_cross_split_groups": dict(sorted(cross_over.items())),
+    }

@@ -114,7 +114,8 @@ def _with_reject(df: "DataFrame", reason: "Column", detail: "Column") -> "DataFr
     from pyspark.sql import functions as F
 
     out = df.withColumn("_reason", reason).withColumn("_detail", detail)
-    cleared = {c: F.when(F.col("_reason").isNull(), F.col(c)) for c in ("image", *STAT_COLS, "npix")}
+    cleared = {c: F.when(F.col("_reason").isNull(), F.col(c)) for c in ("image", *STAT_COLS, "npix", "phash",
+                                                                        "quality_flags")}
     return (
         out.withColumns(cleared)
         .withColumn("reason", F.col("_reason"))

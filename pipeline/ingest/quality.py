@@ -1,0 +1,124 @@
+"""Data quality at ingest: near-duplicate groups applied to the splits, flag counts, examples to look at.
+
+:func:`apply` runs between the duplicate resolution and the accounting, so the counts (and
+the invariant ``files_seen == accepted + rejected``) already include what it moved or rejected.
+:func:`block` is the manifest's ``quality`` block; :func:`examples` the few thumbnails of each
+flag and of near-duplicate pairs that the run report shows (``_quality_examples.json``).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+
+from pipeline.config import IngestConfig
+from pipeline.imaging.quality import FLAGS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import DataFrame
+
+log = logging.getLogger(__name__)
+
+#: The report's examples next to ``_manifest.json`` (thumbnails as base64 PNG).
+EXAMPLES_FILE = "_quality_examples.json"
+THUMB_SIDE = 96
+
+
+def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"]) -> Tuple["DataFrame", Dict[str, Any]]:
+    """``ingest.near_duplicates`` applied to ``df``; ``off`` adds the columns without looking for pairs."""
+    from pyspark.sql import functions as F
+
+    from pipeline.ingest.near_dups import with_near_duplicates
+
+    if cfg.near_duplicates == "off":
+        return (df.withColumn("near_dup_group", F.lit(None).cast("string"))
+                .withColumn("near_dup_size", F.lit(1)).withColumn("near_dup_oversized", F.lit(False)),
+                {"policy": "off"})
+    if stored is not None and "phash" not in stored.columns:
+        log.warning("ingest: the output was written without perceptual hashes: near-duplicates are looked "
+                    "for among the new files only (re-ingest with --mode overwrite to cover every image)")
+        stored = None
+    return with_near_duplicates(df, policy=cfg.near_duplicates, distance=cfg.near_dup_distance,
+                                max_group=cfg.near_dup_max_group, stored=stored)
+
+
+def flag_counts(df: "DataFrame") -> Dict[str, Dict[str, int]]:
+    """``{split: {flag: images}}`` of the accepted rows of ``df`` (every flag listed, zeros included)."""
+    from pyspark.sql import functions as F
+
+    rows = (df.filter(F.col("reason").isNull() & (F.size("quality_flags") > 0))
+            .select("split", F.explode("quality_flags").alias("flag")).groupBy("split", "flag").count().collect())
+    out: Dict[str, Dict[str, int]] = {}
+    for r in rows:
+        out.setdefault(r["split"], dict.fromkeys(FLAGS, 0))[r["flag"]] = int(r["count"])
+    return dict(sorted(out.items()))
+
+
+def block(cfg: IngestConfig, flags: Mapping[str, Mapping[str, int]], near: Mapping[str, Any],
+          prior: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The manifest's ``quality`` block; on append the prior manifest's flag counts are added."""
+    total: Dict[str, Dict[str, int]] = {}
+    for counts in (((prior or {}).get("quality") or {}).get("flags") or {}, flags):
+        for split, per in counts.items():
+            into = total.setdefault(split, dict.fromkeys(FLAGS, 0))
+            for f, n in per.items():
+                into[f] = into.get(f, 0) + int(n)
+    return {"thresholds": cfg.quality.model_dump(), "reject_flags": list(cfg.reject_flags),
+            "flags": dict(sorted(total.items())), "near_duplicates": dict(near)}
+
+
+def _thumb(data: bytes) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB") if im.mode not in ("RGB", "L") else im.copy()
+    if max(im.size) < THUMB_SIDE:  # small images are enlarged (pixelated) so a person can see them
+        scale = THUMB_SIDE // max(im.size)
+        im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+    im.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def examples(df: "DataFrame", *, per_flag: int = 4, pairs: int = 6) -> Dict[str, Any]:
+    """A few accepted images per flag and near-duplicate pairs (cross-split groups first), as thumbnails.
+
+    The choice runs on the ids alone; only the chosen images' bytes reach the driver.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    acc = df.filter(F.col("reason").isNull())
+    flagged = (acc.filter(F.size("quality_flags") > 0).select("image_id", F.explode("quality_flags").alias("flag"))
+               .withColumn("_n", F.row_number().over(Window.partitionBy("flag").orderBy("image_id")))
+               .filter(F.col("_n") <= per_flag).collect())
+    grouped = acc.filter(F.col("near_dup_group").isNotNull()).select("image_id", "split", "near_dup_group")
+    by_group = Window.partitionBy("near_dup_group")
+    # In each group: its first member of each split, then of those the first two (by split name);
+    # a group in one split gives its two smallest ids.
+    ranked = (grouped
+              .withColumn("_s", F.row_number().over(Window.partitionBy("near_dup_group", "split").orderBy("image_id")))
+              .withColumn("_splits", F.size(F.collect_set("split").over(by_group)))
+              .withColumn("_k", F.row_number().over(by_group.orderBy("_s", "split", "image_id")))
+              .filter(F.col("_k") <= 2))
+    top = [r["near_dup_group"] for r in ranked.filter(F.col("_k") == 1)
+           .orderBy(F.desc("_splits"), "near_dup_group").limit(pairs).collect()]
+    members = ranked.filter(F.col("near_dup_group").isin(top)).collect() if top else []
+    wanted = {r["image_id"] for r in flagged} | {r["image_id"] for r in members}
+    data = {r["image_id"]: r for r in acc.filter(F.col("image_id").isin(sorted(wanted)))
+            .select("image_id", "source_path", "split", "image").collect()} if wanted else {}
+
+    def shown(image_id: str) -> Dict[str, Any]:
+        r = data[image_id]
+        return {"source_path": r["source_path"], "split": r["split"], "png": _thumb(r["image"])}
+
+    out: Dict[str, Any] = {"flags": {}, "near_duplicate_pairs": []}
+    for r in sorted(flagged, key=lambda r: (FLAGS.index(r["flag"]), r["_n"])):
+        out["flags"].setdefault(r["flag"], []).append(shown(r["image_id"]))
+    for g in top:
+        pair = sorted((m for m in members if m["near_dup_group"] == g), key=lambda m: m["_k"])
+        if len(pair) == 2:
+            out["near_duplicate_pairs"].append([shown(m["image_id"]) for m in pair])
+    return out
