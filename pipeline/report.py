@@ -18,6 +18,7 @@ from pipeline.contracts import (
     CONFUSION_PNG, CURVES_PNG, HISTORY_CSV, METRICS_FILE, read_manifest, read_model_card,
 )
 from pipeline.fs import FileSystem, filesystem, join, to_uri
+from pipeline.quality_report import IMAGES_CHECK, read_examples, section as quality_section
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -124,7 +125,9 @@ def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir:
         "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "th{background:#f2f2f2}td:first-child{text-align:left}.big{font-size:2.2em;font-weight:600}"
-        "img{max-width:100%;border:1px solid #ddd;margin:.4em 0}.grid{display:grid;grid-template-columns:1fr 1fr;gap:1em}",
+        "img{max-width:100%;border:1px solid #ddd;margin:.4em 0}.grid{display:grid;grid-template-columns:1fr 1fr;gap:1em}"
+        ".thumbs{display:flex;flex-wrap:wrap;gap:.5em}.thumbs figure{margin:0;font-size:.75em;max-width:120px}"
+        ".pair{border-left:3px solid #cc6677;padding-left:.4em;margin:.3em 0}",
         "</style></head><body>",
         "<h1>pixelmill run report</h1>",
         f"<p class='big'>test accuracy {html.escape(_fmt(acc))}</p>",
@@ -140,6 +143,7 @@ def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir:
     ]
     if "class_balance.png" in images:
         parts.append("<img src='class_balance.png' alt='class balance'>")
+    parts.append(quality_section(manifest, read_examples(str(ingest_dir)), out_dir))
     parts.append("<h2>Training</h2>")
     if CURVES_PNG in images:
         parts.append(f"<img src='{CURVES_PNG}' alt='training curves'>")
@@ -154,7 +158,7 @@ def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir:
     provenance = {"stack": model_meta.get("stack"), "ingest_manifest_sha256": model_meta.get("ingest_manifest_sha256"),
                   "input": manifest.get("input_uri")}
     parts.append(f"<h2>Provenance</h2><pre>{html.escape(json.dumps(provenance, indent=2))}</pre>")
-    parts.append("</body></html>")
+    parts.append(IMAGES_CHECK + "</body></html>")
     path = out_dir / "index.html"
     path.write_text("\n".join(parts))
     return path

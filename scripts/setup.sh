@@ -6,6 +6,7 @@
 #   (installing extras later lets pip move protobuf and break TensorFlow),
 # - builds Horovod from its sdist with Gloo once and caches the wheel in
 #   .cache/wheels so a rerun never compiles again,
+# - installs Debian's chromium when root (the report test opens the page in it),
 # - verifies that horovod.tensorflow reports Gloo built.
 set -euo pipefail
 
@@ -28,6 +29,18 @@ if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 17 ] 2>/dev/null; 
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
     else
         die "Java 17+ is required by Spark 4: install openjdk-17-jre-headless (or set JAVA_HOME) and rerun make setup"
+    fi
+fi
+
+# --- a headless browser for the report test ----------------------------------
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        log "chromium missing: installing it with apt (the report test renders the page in it)"
+        { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+          || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; } \
+          || log "warning: could not install chromium; the report's browser tests will fail"
+    else
+        log "warning: chromium is not installed (apt-get install chromium); the report's browser tests will fail"
     fi
 fi
 

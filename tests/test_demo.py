@@ -37,7 +37,11 @@ def test_demo_runs_every_stage_and_writes_a_report(repo_root, tmp_path):
     for png in ("training_curves.png", "confusion_matrix.png", "class_balance.png"):
         assert (work / "report" / png).stat().st_size > 1000
         assert f"src='{png}'" in html
-    assert "test accuracy" in html and "ankle_boot" in html
+    assert "test accuracy" in html and "ankle_boot" in html and "Data quality" in html
+    from browser import rendered
+
+    shown = rendered(report)  # a real headless Chromium: the page renders and every image loads
+    assert shown["total"] >= 3 and shown["loaded"] == shown["total"]
     # The summary table is printed before the JSON line.
     assert "stage" in proc.stdout and "ingest" in proc.stdout and "score" in proc.stdout
 

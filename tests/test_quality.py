@@ -316,3 +316,21 @@ def test_keep_one_rejects_the_others_and_reject_flags_reject(spark, quality_inpu
     assert rejects["detail"].str.contains("low_information").all()
     assert manifest["quality"]["near_duplicates"]["policy"] == "report"
     assert manifest["quality"]["near_duplicates"]["groups"] == 10
+
+
+@pytest.mark.slow
+def test_the_quality_section_renders_in_a_real_browser_and_every_image_loads(spark, quality_inputs, tmp_path):
+    from browser import rendered
+
+    from pipeline.quality_report import IMAGES_CHECK, read_examples, section
+
+    manifest, *_ = _ingest(spark, quality_inputs["given"], tmp_path, "ingest.carve_val_from_train=false")
+    page = tmp_path / "page" / "index.html"
+    page.parent.mkdir()
+    body = section(manifest, read_examples(str(tmp_path / "out")), page.parent)
+    page.write_text(f"<!doctype html><html><body>{body}{IMAGES_CHECK}</body></html>")
+    shown = rendered(page)
+    assert shown["total"] >= 2 * 5 and shown["loaded"] == shown["total"]  # 5 cross-split pairs at least
+    assert "5 groups across test+train" in shown["dom"]
+    (page.parent / "quality" / "pair_0_0.png").unlink()  # a broken image is seen as broken
+    assert rendered(page)["loaded"] == shown["total"] - 1
