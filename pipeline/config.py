@@ -18,7 +18,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -182,6 +182,9 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    #: Per-class loss weights: null = none; ``balanced`` = n_train / (n_classes x n_class) from the train split's
+    #: class counts; or ``{class name: weight > 0}`` (classes left out weigh 1). See :mod:`pipeline.train.class_weights`.
+    class_weight: Optional[Union[Literal["balanced"], Dict[str, float]]] = None
     dropout: float = Field(0.25, ge=0, lt=1)
     #: compact_cnn: filters of the first block (doubled per block, at most 4x this) and 3x3 convs per block.
     width: int = Field(32, ge=4, le=1024)
@@ -206,6 +209,20 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, le=1000)
     #: Export the weights of the best epoch by ``early_stopping.metric`` (false = the last epoch's).
     restore_best: bool = True
+
+    @field_validator("class_weight", mode="before")
+    @classmethod
+    def _class_weight(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            bad = {str(k): w for k, w in v.items()
+                   if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w == float("inf")}
+            if bad or not v:
+                raise ValueError("weights must be a mapping of class name to a number > 0" +
+                                 (f", got {bad}" if bad else ", got an empty mapping"))
+            return {str(k): float(w) for k, w in v.items()}
+        if v is not None and v != "balanced":
+            raise ValueError(f"must be null, balanced or a mapping of class name to weight, got {v!r}")
+        return v
 
 
 class ScoreConfig(_Section):
