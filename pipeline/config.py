@@ -239,12 +239,29 @@ class ScoreConfig(_Section):
     tasks_per_slot: int = Field(2, ge=1, le=64)
 
 
+class TrackingConfig(_Section):
+    """MLflow tracking of training and scoring (see :mod:`pipeline.tracking`)."""
+
+    enabled: bool = True
+    #: Tracking server or store; null = ``$MLFLOW_TRACKING_URI``, else a local SQLite store beside the model dir
+    #: (``<model_dir>/../mlruns/mlflow.db``).
+    uri: Optional[str] = None
+    experiment: str = Field("pixelmill", min_length=1)
+    #: Logging calls waiting for the background thread at most; more are dropped (one warning), never waited for.
+    queue_size: int = Field(1000, ge=1, le=1_000_000)
+    #: Seconds the end of a job waits for pending logging (artifacts) before leaving it behind.
+    flush_timeout_s: float = Field(60.0, ge=0, le=3600)
+    #: Seconds one request to the tracking server may take (MLFLOW_HTTP_REQUEST_TIMEOUT of the logging thread).
+    request_timeout_s: int = Field(10, ge=1, le=600)
+
+
 class Config(_Section):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-able dict, with secret-looking Spark confs redacted."""

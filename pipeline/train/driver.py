@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
-from pipeline import faults
+from pipeline import faults, tracking
 from pipeline.contracts import MODEL_CARD, manifest_sha256, model_file_uri, read_manifest, read_model_card
 from pipeline.errors import ConfigError, DataError, InvariantError, TrainingError
 from pipeline.fs import filesystem, join, to_uri
@@ -269,8 +269,16 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
             "num_proc": cfg.train.num_proc, "init_weights": init,
             "class_weights": None if balance.weights is None else list(balance.weights),
             "class_balance": balance.to_card()}
-    results = _launch(spark, cfg, spec, fs)
+    ref = tracking.start_training_run(cfg, model_dir, run_name=f"train {join(model_dir, '')}",
+                                      tags={"pixelmill.data": data_uri})
+    spec["tracking"] = ref.to_dict() if ref else None
+    try:
+        results = _launch(spark, cfg, spec, fs)
+    except BaseException:
+        tracking.end_run(ref, "FAILED")  # rank 0 marks it too when it got that far; this covers a failed launch
+        raise
     summary = _summary(results, model_dir, launched_unix=spec["_launched_unix"], t0=t0)
+    summary["mlflow"] = spec["tracking"]
     log.info("training done: %d epochs (%d this run), %s, model %s", summary["epochs_completed"],
              summary["epochs_run"], ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items())),
              summary["model_uri"])

@@ -225,7 +225,7 @@ def export(fs: "FileSystem", model_dir: str, *, model: Any, spec: Mapping[str, A
         "config": {"train": cfg.train.model_dump(mode="json"), "loader": cfg.loader.model_dump(mode="json")},
         "data_uri": spec["data_uri"], "num_proc": int(spec.get("num_proc", 0)) or None,
         "init_weights": spec.get("init_weights"), "class_balance": spec.get("class_balance"),
-        "serving": serving_card(),
+        "serving": serving_card(), "mlflow": spec.get("tracking"),
     })
     log.info("exported %s (model_id %s, epoch %d)", model_file_uri(model_dir), model_id, chosen["epoch"])
     return {"model_id": model_id, "metrics": metrics, "epochs_completed": int(last["epoch"]),

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from pipeline import faults
+from pipeline import faults, tracking
 from pipeline.contracts import CHECKPOINTS_DIR, read_manifest
 from pipeline.fs import filesystem, join
 from pipeline.train import checkpoints, outputs
@@ -262,6 +262,7 @@ class _Worker:
         with contextlib.ExitStack() as stack:
             if self.rank == 0:
                 self.tensorboard = stack.enter_context(outputs.TensorBoardLog(self.fs, self.model_dir))
+            self.tracker = stack.enter_context(tracking.for_rank(self.spec, self.rank, self.cfg))  # rank 0 logs
             self.heartbeat.beat("started", force=True)
             if self.start_epoch < self.tc.epochs and not self.es.stopped:
                 self._fit()
@@ -281,6 +282,7 @@ class _Worker:
             raise RuntimeError("no epoch was trained and no checkpoint exists: check train.epochs")
         result.update(outputs.export(self.fs, self.model_dir, model=self.model, spec=self.spec, cfg=self.cfg,
                                      manifest=self.manifest, history=self.history, es=self.es))
+        self.tracker.outputs(self.fs, self.model_dir)
         result.update(
             resumed_from=self.resumed_from, start_epoch=self.start_epoch, epochs_run=self.epochs_run,
             first_step_unix=self.first_step_unix, process_start_unix=self.t_start,
@@ -386,6 +388,7 @@ class _Worker:
             outputs.write_epoch_outputs(self.fs, self.model_dir, model=self.model, optimizer=self.optimizer,
                                         tensorboard=self.tensorboard, history=self.history, es=self.es,
                                         fingerprint=self.spec["fingerprint"], tc=self.tc)
+            self.tracker.epoch(row)
         self.heartbeat.beat(f"epoch={epoch} done", force=True, epoch_line=line)
         if self.es.stopped and self.rank == 0:
             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
