@@ -153,7 +153,7 @@ def _existing_result(fs: "FileSystem", model_dir: str, cfg: "Config",
         return None
     state = checkpoints.read_state(fs, model_dir, found[1])
     if state.get("fingerprint") != dict(fp):
-        raise ConfigError(f"--model-dir {model_dir} holds checkpoints of another dataset or model: "
+        raise ConfigError(f"--model-dir {model_dir} holds checkpoints of another dataset, model or train.class_weight: "
                           "pass --mode overwrite to start fresh, or choose another --model-dir")
     stopped = bool(state["early_stopping"].get("stopped"))
     if not (stopped or int(state["epoch"]) >= cfg.train.epochs) or not fs.exists(join(model_dir, MODEL_CARD)):
