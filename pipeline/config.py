@@ -18,7 +18,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -215,6 +215,9 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    #: Per-class loss weights: null = none; ``balanced`` = n_train / (n_classes x n_class) from the train split's
+    #: class counts; or ``{class name: weight > 0}`` (classes left out weigh 1). See :mod:`pipeline.train.class_weights`.
+    class_weight: Optional[Union[Literal["balanced"], Dict[str, float]]] = None
     dropout: float = Field(0.25, ge=0, lt=1)
     #: compact_cnn: filters of the first block (doubled per block, at most 4x this) and 3x3 convs per block.
     width: int = Field(32, ge=4, le=1024)
@@ -240,6 +243,20 @@ class TrainConfig(_Section):
     #: Export the weights of the best epoch by ``early_stopping.metric`` (false = the last epoch's).
     restore_best: bool = True
 
+    @field_validator("class_weight", mode="before")
+    @classmethod
+    def _class_weight(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            bad = {str(k): w for k, w in v.items()
+                   if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w == float("inf")}
+            if bad or not v:
+                raise ValueError("weights must be a mapping of class name to a number > 0" +
+                                 (f", got {bad}" if bad else ", got an empty mapping"))
+            return {str(k): float(w) for k, w in v.items()}
+        if v is not None and v != "balanced":
+            raise ValueError(f"must be null, balanced or a mapping of class name to weight, got {v!r}")
+        return v
+
 
 class ScoreConfig(_Section):
     """Distributed batch scoring (see :mod:`pipeline.score`)."""
@@ -255,12 +272,29 @@ class ScoreConfig(_Section):
     tasks_per_slot: int = Field(2, ge=1, le=64)
 
 
+class TrackingConfig(_Section):
+    """MLflow tracking of training and scoring (see :mod:`pipeline.tracking`)."""
+
+    enabled: bool = True
+    #: Tracking server or store; null = ``$MLFLOW_TRACKING_URI``, else a local SQLite store beside the model dir
+    #: (``<model_dir>/../mlruns/mlflow.db``).
+    uri: Optional[str] = None
+    experiment: str = Field("pixelmill", min_length=1)
+    #: Logging calls waiting for the background thread at most; more are dropped (one warning), never waited for.
+    queue_size: int = Field(1000, ge=1, le=1_000_000)
+    #: Seconds the end of a job waits for pending logging (artifacts) before leaving it behind.
+    flush_timeout_s: float = Field(60.0, ge=0, le=3600)
+    #: Seconds one request to the tracking server may take (MLFLOW_HTTP_REQUEST_TIMEOUT of the logging thread).
+    request_timeout_s: int = Field(10, ge=1, le=600)
+
+
 class Config(_Section):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-able dict, with secret-looking Spark confs redacted."""

@@ -42,6 +42,8 @@ MANIFEST_VERSION = 1
 MODEL_CARD = "model.json"
 MODEL_SUBDIR = "model"
 MODEL_FILE = "model.keras"
+#: The SavedModel beside ``model.keras`` (``<model_dir>/model/saved_model/``, :mod:`pipeline.train.serving`).
+SAVED_MODEL_DIR = "saved_model"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_COMPLETE = "_COMPLETE"
 HISTORY_CSV = "history.csv"
@@ -59,6 +61,11 @@ METRICS_VERSION = 1
 def model_file_uri(model_dir: str) -> str:
     """``<model_dir>/model/model.keras``."""
     return join(model_dir, MODEL_SUBDIR, MODEL_FILE)
+
+
+def saved_model_uri(model_dir: str) -> str:
+    """``<model_dir>/model/saved_model``."""
+    return join(model_dir, MODEL_SUBDIR, SAVED_MODEL_DIR)
 
 
 # --- the typed files -------------------------------------------------------------------

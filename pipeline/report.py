@@ -58,11 +58,22 @@ def class_balance_png(manifest: Mapping[str, Any], path: Path) -> Optional[Path]
     return path
 
 
-def per_class_rows(metrics: Mapping[str, Any]) -> List[List[Any]]:
+PER_CLASS_HEADERS = ["class", "train images", "train share", "loss weight", "precision", "recall", "F1", "support"]
+
+
+def per_class_rows(metrics: Mapping[str, Any], balance: Optional[Mapping[str, Any]] = None) -> List[List[Any]]:
+    """Per class: the train split's count and share, its loss weight (``train.class_weight``), then the test metrics.
+
+    ``balance`` is the model card's ``class_balance`` (None for a model trained before it was recorded).
+    """
     per = metrics.get("per_class") or {}
     order = list(metrics.get("classes") or sorted(per))
-    return [[label, per[label].get("precision"), per[label].get("recall"), per[label].get("f1"),
-             per[label].get("support")] for label in order if label in per]
+    counts = (balance or {}).get("train_counts") or {}
+    weights = (balance or {}).get("weights") or {}
+    total = sum(counts.values())
+    return [[label, counts.get(label), (counts[label] / total) if total and label in counts else None,
+             weights.get(label, 1.0 if balance else None), per[label].get("precision"), per[label].get("recall"),
+             per[label].get("f1"), per[label].get("support")] for label in order if label in per]
 
 
 def summary_table(manifest: Mapping[str, Any], model_meta: Mapping[str, Any], metrics: Mapping[str, Any],
@@ -150,7 +161,7 @@ def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir:
     if history_rows:
         parts.append(_table(cols, history_rows))
     parts.append("<h2>Test set</h2><div class='grid'><div>")
-    parts.append(_table(["class", "precision", "recall", "F1", "support"], per_class_rows(metrics)))
+    parts.append(_table(PER_CLASS_HEADERS, per_class_rows(metrics, model_meta.get("class_balance"))))
     parts.append("</div><div>")
     if CONFUSION_PNG in images:
         parts.append(f"<img src='{CONFUSION_PNG}' alt='confusion matrix'>")

@@ -103,10 +103,15 @@ import importlib.metadata as md
 import horovod.tensorflow as hvd
 import pyspark, tensorflow as tf
 assert hvd.gloo_built(), "horovod was built without Gloo"
+pb = md.version("protobuf")
+assert int(pb.split(".")[0]) < 6, (
+    f"protobuf {pb} is installed but TensorFlow 2.18 needs protobuf < 6 (a later pip install moved it): "
+    "rerun make setup, which installs every pin in one resolver run")
 assert pyspark.__version__ == md.version("pyspark"), (
     f"pyspark files are {pyspark.__version__} but metadata says {md.version('pyspark')}: "
     "pyspark-client overwrote them; uninstall pyspark-client and rerun make setup")
 print(f"[setup] ok: pyspark {pyspark.__version__}, tensorflow {tf.__version__}, "
-      f"horovod {md.version('horovod')} (gloo), petastorm {md.version('petastorm')}")
+      f"horovod {md.version('horovod')} (gloo), petastorm {md.version('petastorm')}, "
+      f"mlflow {md.version('mlflow')}, protobuf {pb}")
 PYEOF
 echo "$WANT" > "$STAMP"

@@ -81,3 +81,18 @@ def test_horovod_spark_run_two_ranks_over_gloo(spark):
     w0, w1 = (np.array(r["weights"]) for r in sorted(results, key=lambda r: r["rank"]))
     np.testing.assert_array_equal(w0, w1)
     assert w0.size == 4 * 8 + 8 + 8 * 2 + 2
+
+
+def test_protobuf_is_below_6_beside_mlflow():
+    # mlflow 3.17 allows protobuf < 8; TensorFlow 2.18 needs < 6, which holds only when both are
+    # installed in one resolver run (scripts/setup.sh).
+    assert int(md.version("protobuf").split(".")[0]) < 6
+    import mlflow
+
+    assert mlflow.__version__ == _pins_from_file()["mlflow"]
+
+
+def _pins_from_file():
+    from pathlib import Path
+
+    return _pins(Path(__file__).resolve().parents[1])

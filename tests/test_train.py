@@ -384,3 +384,53 @@ def test_cli_rejects_too_many_processes_in_one_line(ingested_sample, tmp_path, r
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("pixelmill train: error: train.num_proc=3 needs 3 concurrent Spark task slots")
     assert not (tmp_path / "m").exists()
+
+
+_SERVE = r"""
+import base64, json, sys
+import numpy as np
+import tensorflow as tf
+blobs = [base64.b64decode(b) for b in json.load(open(sys.argv[2]))]
+loaded = tf.saved_model.load(sys.argv[1])
+by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))["probabilities"].numpy()
+pixels = tf.cast(tf.stack([tf.io.decode_png(b) for b in blobs]), tf.float32)
+by_pixels = loaded.signatures["serving_pixels"](pixels=pixels)["probabilities"].numpy()
+print(json.dumps({"bytes": by_bytes.tolist(), "pixels": by_pixels.tolist(), "signatures": sorted(loaded.signatures),
+                  "modules": sorted(m for m in sys.modules if m.startswith("pipeline"))}))
+"""
+
+
+@pytest.mark.slow
+def test_saved_model_in_a_fresh_process_predicts_what_scoring_predicts(spark, sample_config, trained,
+                                                                        ingested_sample, tmp_path):
+    import base64
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline import score
+
+    score.run(spark, sample_config, data_uri=ingested_sample, model_uri=trained["uri"],
+              output_uri="file://" + str(tmp_path / "scores"), split="val", mode="error")
+    preds = pq.read_table(tmp_path / "scores" / "predictions").to_pandas().set_index("image_id")
+    rows = pq.read_table(Path(ingested_sample[len("file://"):]) / "images" / "split=val",
+                         columns=["image_id", "image"]).to_pylist()
+    (tmp_path / "images.json").write_text(json.dumps([base64.b64encode(r["image"]).decode() for r in rows]))
+    info = json.loads((trained["dir"] / "model.json").read_text())
+    assert info["serving"]["saved_model"] == "model/saved_model"
+    out = subprocess.run([sys.executable, "-c", _SERVE, str(trained["dir"] / "model" / "saved_model"),
+                          str(tmp_path / "images.json")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["modules"] == [] and res["signatures"] == ["serving_default", "serving_pixels"]
+    by_bytes = np.asarray(res["bytes"])
+    np.testing.assert_allclose(np.asarray(res["pixels"]), by_bytes, atol=1e-6)
+    classes = [n for n, _ in sorted(info["classes"].items(), key=lambda kv: kv[1])]
+    assert by_bytes.shape == (len(rows), len(classes)) == (len(preds), len(classes))
+    for r, p in zip(rows, by_bytes):
+        scored = preds.loc[r["image_id"]]
+        assert int(np.argmax(p)) == scored["pred_index"]
+        # top_k covers all 3 classes: scoring's whole probability vector, reordered by its labels.
+        np.testing.assert_allclose(p[[classes.index(c) for c in scored["top_k_labels"]]],
+                                   scored["top_k_probabilities"], atol=1e-5)

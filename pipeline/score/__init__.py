@@ -27,10 +27,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from pipeline import tracking
 from pipeline.commit import atomic_output
 from pipeline.config import Config
 from pipeline.contracts import METRICS_FILE, PREDICTIONS_DIR, REJECTS_DIR
-from pipeline.fs import join, to_uri
+from pipeline.fs import filesystem, join, to_uri
 from pipeline.score import driver
 from pipeline.score.driver import MODE_CHOICES, SPLIT_CHOICES
 from pipeline.score.worker import PREDICTION_COLUMNS, PREDICTION_FIELDS
@@ -88,6 +89,8 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
             summary["images_per_second"] = round(rows_in / score_s, 1) if score_s > 0 else None
     finally:
         set_job_description(spark, None)  # type: ignore[arg-type]
+    tracking.log_scoring(model.card, cfg, filesystem(output_uri, spark), output_uri, split=split, metrics=metrics,
+                         summary=summary)
     log.info("scored %d rows (%d rejected) in %.1fs: %s", summary["rows"], summary["rejected"],
              summary["timings"]["total_s"],
              f"accuracy {summary['metrics']['accuracy']:.4f}" if summary["metrics"] else "no labels, no metrics")

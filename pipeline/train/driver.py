@@ -25,13 +25,13 @@ import sys
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
-from pipeline import faults
+from pipeline import faults, tracking
 from pipeline.contracts import MODEL_CARD, manifest_sha256, model_file_uri, read_manifest, read_model_card
 from pipeline.errors import ConfigError, DataError, InvariantError, TrainingError
 from pipeline.fs import filesystem, join, to_uri
-from pipeline.train import checkpoints
+from pipeline.train import checkpoints, class_weights
 from pipeline.train.models import for_model, input_size_problem
 from pipeline.train.progress import ProgressReader, Watchdog
 
@@ -127,11 +127,19 @@ def _model_dir_fs(model_dir: str) -> "FileSystem":
         raise ConfigError(f"--model-dir cannot be opened by the training processes, which have no JVM: {e}") from None
 
 
-def fingerprint(cfg: "Config", manifest: Mapping[str, Any], manifest_sha: str) -> Dict[str, Any]:
-    """What a checkpoint must match to be resumed (data, classes, input, model)."""
-    return {"ingest_manifest_sha256": manifest_sha, "classes": dict(manifest["classes"]),
-            "image": dict(manifest["image"]), "model": cfg.train.model, "optimizer": cfg.train.optimizer,
-            "mixed_precision": cfg.train.mixed_precision}
+def fingerprint(cfg: "Config", manifest: Mapping[str, Any], manifest_sha: str, *,
+                weights: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    """What a checkpoint must match to be resumed (data, classes, input, model, loss weights).
+
+    The class weights are in it only when ``train.class_weight`` is set, so the checkpoints of
+    unweighted runs keep the fingerprint they had.
+    """
+    fp = {"ingest_manifest_sha256": manifest_sha, "classes": dict(manifest["classes"]),
+          "image": dict(manifest["image"]), "model": cfg.train.model, "optimizer": cfg.train.optimizer,
+          "mixed_precision": cfg.train.mixed_precision}
+    if weights is not None:
+        fp["class_weights"] = [float(w) for w in weights]
+    return fp
 
 
 def _existing_result(fs: "FileSystem", model_dir: str, cfg: "Config",
@@ -145,7 +153,7 @@ def _existing_result(fs: "FileSystem", model_dir: str, cfg: "Config",
         return None
     state = checkpoints.read_state(fs, model_dir, found[1])
     if state.get("fingerprint") != dict(fp):
-        raise ConfigError(f"--model-dir {model_dir} holds checkpoints of another dataset or model: "
+        raise ConfigError(f"--model-dir {model_dir} holds checkpoints of another dataset, model or train.class_weight: "
                           "pass --mode overwrite to start fresh, or choose another --model-dir")
     stopped = bool(state["early_stopping"].get("stopped"))
     if not (stopped or int(state["epoch"]) >= cfg.train.epochs) or not fs.exists(join(model_dir, MODEL_CARD)):
@@ -241,9 +249,10 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
     cfg = for_model(cfg)
     data_uri, model_dir = to_uri(data_uri), to_uri(model_dir)
     manifest = validate_inputs(spark, cfg, data_uri=data_uri, model_dir=model_dir, mode=mode)
+    balance = class_weights.for_training(cfg, data_uri, manifest)
     fs = _model_dir_fs(model_dir)
     manifest_sha = manifest_sha256(data_uri, filesystem(data_uri, spark))
-    fp = fingerprint(cfg, manifest, manifest_sha)
+    fp = fingerprint(cfg, manifest, manifest_sha, weights=balance.weights)
     fresh = mode == "overwrite" or not fs.exists(model_dir) or checkpoints.find_latest(fs, model_dir) is None
     init = check_init_weights(cfg, manifest) if fresh else None
     if mode == "overwrite" and fs.exists(model_dir):
@@ -257,9 +266,19 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
     fs.mkdirs(model_dir)
     spec = {"run_id": uuid.uuid4().hex, "data_uri": data_uri, "model_dir": model_dir, "cfg": cfg.to_dict(),
             "manifest_sha256": manifest_sha, "fingerprint": fp, "fault": faults.armed(),
-            "num_proc": cfg.train.num_proc, "init_weights": init}
-    results = _launch(spark, cfg, spec, fs)
+            "num_proc": cfg.train.num_proc, "init_weights": init,
+            "class_weights": None if balance.weights is None else list(balance.weights),
+            "class_balance": balance.to_card()}
+    ref = tracking.start_training_run(cfg, model_dir, run_name=f"train {join(model_dir, '')}",
+                                      tags={"pixelmill.data": data_uri})
+    spec["tracking"] = ref.to_dict() if ref else None
+    try:
+        results = _launch(spark, cfg, spec, fs)
+    except BaseException:
+        tracking.end_run(ref, "FAILED")  # rank 0 marks it too when it got that far; this covers a failed launch
+        raise
     summary = _summary(results, model_dir, launched_unix=spec["_launched_unix"], t0=t0)
+    summary["mlflow"] = spec["tracking"]
     log.info("training done: %d epochs (%d this run), %s, model %s", summary["epochs_completed"],
              summary["epochs_run"], ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary["metrics"].items())),
              summary["model_uri"])

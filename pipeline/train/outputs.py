@@ -2,7 +2,8 @@
 
 After every epoch: the checkpoint (:mod:`pipeline.train.checkpoints`), ``history.csv``,
 ``training_curves.png`` and TensorBoard scalars (:func:`write_epoch_outputs`). At the end:
-``model/model.keras`` and then ``model.json``, the model card that describes it
+``model/`` (``model.keras`` and the SavedModel ``saved_model/``, :mod:`pipeline.train.serving`),
+committed in one rename, and then ``model.json``, the model card that describes it
 (:func:`export`), written with :func:`pipeline.contracts.write_model_card`.
 """
 from __future__ import annotations
@@ -16,13 +17,15 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence
 
-from pipeline.contracts import (CHECKPOINTS_DIR, CURVES_PNG, HISTORY_CSV, TENSORBOARD_DIR, model_file_uri,
-                                write_model_card)
+from pipeline.contracts import (CHECKPOINTS_DIR, CURVES_PNG, HISTORY_CSV, MODEL_FILE, MODEL_SUBDIR, SAVED_MODEL_DIR,
+                                TENSORBOARD_DIR, model_file_uri, write_model_card)
 from pipeline.fs import join, local_path
-from pipeline.imaging.stored import Normalization
+from pipeline.imaging.stored import ImageSpec, Normalization
 from pipeline.train import checkpoints
+from pipeline.train.serving import export_saved_model, serving_card
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.config import Config, TrainConfig
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
                    "images_per_second", "epoch_seconds")
+_STAGING_PREFIX = ".tmp-model-"
 _SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second")
 
 
@@ -167,6 +171,29 @@ def _restore_best(fs: "FileSystem", model_dir: str, model: Any, history: List[Di
     return next(r for r in history if r["epoch"] == es.best_epoch)
 
 
+def _commit_model_folder(fs: "FileSystem", model_dir: str, local: str) -> None:
+    """Replace ``<model_dir>/model/`` by the local folder ``local`` in one rename.
+
+    The folder is uploaded under ``.tmp-model-<hex>`` (debris of a crashed export is removed
+    first), then the old ``model/`` is deleted and the new one renamed into place, so
+    ``model.keras`` and ``saved_model/`` are always from the same export; ``model.json`` is
+    written after this, so a card never describes a model that is not all there.
+    """
+    for entry in fs.entries(model_dir):
+        if entry.name.startswith(_STAGING_PREFIX):
+            fs.delete(entry.uri)
+    staging = join(model_dir, f"{_STAGING_PREFIX}{uuid.uuid4().hex[:8]}")
+    for dirpath, _, files in os.walk(local):
+        sub = os.path.relpath(dirpath, local)
+        target = staging if sub == "." else join(staging, *sub.split(os.sep))
+        fs.mkdirs(target)
+        for name in files:
+            fs.upload(os.path.join(dirpath, name), join(target, name))
+    final = join(model_dir, MODEL_SUBDIR)
+    fs.delete(final)
+    fs.rename(staging, final)
+
+
 def export(fs: "FileSystem", model_dir: str, *, model: Any, spec: Mapping[str, Any], cfg: "Config",
            manifest: "IngestManifest", history: List[Dict[str, Any]], es: "EarlyStopping") -> Dict[str, Any]:
     """Write ``model/model.keras`` and then ``model.json``; returns what the run's summary reports."""
@@ -175,14 +202,17 @@ def export(fs: "FileSystem", model_dir: str, *, model: Any, spec: Mapping[str, A
     chosen = last
     if tc.restore_best and es.best_epoch and es.best_epoch != last["epoch"]:
         chosen = _restore_best(fs, model_dir, model, history, es)
-    with tempfile.TemporaryDirectory(prefix="pixelmill-export-") as tmp:
-        local = os.path.join(tmp, "model.keras")
-        model.save(local)
-        with open(local, "rb") as f:
-            blob = f.read()
-    model_id = hashlib.sha256(blob).hexdigest()[:16]
-    fs.write_bytes(model_file_uri(model_dir), blob)
     norm = Normalization.from_mode(cfg.loader.normalize, manifest, manifest.image.channels)
+    with tempfile.TemporaryDirectory(prefix="pixelmill-export-") as tmp:
+        local = os.path.join(tmp, MODEL_SUBDIR)
+        os.makedirs(local)
+        model.save(os.path.join(local, MODEL_FILE))
+        with open(os.path.join(local, MODEL_FILE), "rb") as f:
+            blob = f.read()
+        export_saved_model(model, os.path.join(local, SAVED_MODEL_DIR), ImageSpec.from_manifest(manifest), norm,
+                           max_pixels=int(manifest.config.get("max_pixels") or cfg.ingest.max_pixels))
+        _commit_model_folder(fs, model_dir, local)
+    model_id = hashlib.sha256(blob).hexdigest()[:16]
     metrics = {"train_loss": chosen["train_loss"], "train_accuracy": chosen["train_accuracy"]}
     if chosen.get("val_loss") is not None:
         metrics.update(val_loss=chosen["val_loss"], val_accuracy=chosen["val_accuracy"])
@@ -194,7 +224,8 @@ def export(fs: "FileSystem", model_dir: str, *, model: Any, spec: Mapping[str, A
         "stack": stack_versions(),
         "config": {"train": cfg.train.model_dump(mode="json"), "loader": cfg.loader.model_dump(mode="json")},
         "data_uri": spec["data_uri"], "num_proc": int(spec.get("num_proc", 0)) or None,
-        "init_weights": spec.get("init_weights"),
+        "init_weights": spec.get("init_weights"), "class_balance": spec.get("class_balance"),
+        "serving": serving_card(), "mlflow": spec.get("tracking"),
     })
     log.info("exported %s (model_id %s, epoch %d)", model_file_uri(model_dir), model_id, chosen["epoch"])
     return {"model_id": model_id, "metrics": metrics, "epochs_completed": int(last["epoch"]),

@@ -29,10 +29,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from pipeline import faults
+from pipeline import faults, tracking
 from pipeline.contracts import CHECKPOINTS_DIR, read_manifest
 from pipeline.fs import filesystem, join
 from pipeline.train import checkpoints, outputs
+from pipeline.train.class_weights import weighted_loss
 from pipeline.train.progress import Heartbeat
 from pipeline.train.schedule import EarlyStopping, learning_rate_schedule
 
@@ -48,7 +49,7 @@ def train_fn(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     ``spec`` keys: ``run_id``, ``data_uri``, ``model_dir``, ``cfg`` (``Config.model_dump``),
     ``manifest_sha256``, ``fingerprint``, ``fault`` (a :class:`pipeline.faults.FaultPlan` or
-    None), ``num_proc``. Returns this rank's result; rank 0's includes the training summary.
+    None), ``num_proc``, ``class_weights`` (loss weight per class index, or None). Returns this rank's result; rank 0's includes the training summary.
     """
     from pipeline.config import Config
 
@@ -161,16 +162,15 @@ def _accuracy_sum(probs: Any, y: Any) -> Any:
 
 
 def _train_step(hvd: Any, model: Any, optimizer: Any, *, rate: Any, num_classes: int, label_smoothing: float,
-                mixed: bool) -> Callable[[Any, Any], Tuple[Any, ...]]:
+                mixed: bool, class_weights: Optional[List[float]] = None) -> Callable[[Any, Any], Tuple[Any, ...]]:
     """One compiled data-parallel step: ``(loss x n, correct, n, learning rate)``.
 
     The rate is the schedule's value at the optimizer's step count, set before the update
     (float64, rounded to the optimizer's float32 variable).
     """
-    import keras
     import tensorflow as tf
 
-    loss_obj = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    loss_of = weighted_loss(num_classes, label_smoothing, class_weights)  # train.class_weight, same on every rank
 
     @tf.function
     def train_step(x: Any, y: Any) -> Tuple[Any, ...]:
@@ -178,7 +178,7 @@ def _train_step(hvd: Any, model: Any, optimizer: Any, *, rate: Any, num_classes:
         optimizer.learning_rate = lr
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
-            loss = loss_obj(tf.one_hot(y, num_classes), probs)
+            loss = loss_of(y, probs)
             if model.losses:
                 loss = loss + tf.add_n(model.losses)
             scaled = optimizer.scale_loss(loss) if mixed else loss
@@ -289,6 +289,7 @@ class _Worker:
         with contextlib.ExitStack() as stack:
             if self.rank == 0:
                 self.tensorboard = stack.enter_context(outputs.TensorBoardLog(self.fs, self.model_dir))
+            self.tracker = stack.enter_context(tracking.for_rank(self.spec, self.rank, self.cfg))  # rank 0 logs
             self.heartbeat.beat("started", force=True)
             if self.start_epoch < self.tc.epochs and not self.es.stopped:
                 self._fit()
@@ -308,6 +309,7 @@ class _Worker:
             raise RuntimeError("no epoch was trained and no checkpoint exists: check train.epochs")
         result.update(outputs.export(self.fs, self.model_dir, model=self.model, spec=self.spec, cfg=self.cfg,
                                      manifest=self.manifest, history=self.history, es=self.es))
+        self.tracker.outputs(self.fs, self.model_dir)
         result.update(
             resumed_from=self.resumed_from, start_epoch=self.start_epoch, epochs_run=self.epochs_run,
             first_step_unix=self.first_step_unix, process_start_unix=self.t_start,
@@ -333,7 +335,8 @@ class _Worker:
                                           warmup_steps=int(round(tc.warmup_epochs * steps)), schedule=tc.lr_schedule,
                                           total_steps=steps * tc.epochs, min_ratio=tc.min_lr_ratio)
             train_step = _train_step(self.hvd, self.model, self.optimizer, rate=rate, num_classes=self.num_classes,
-                                     label_smoothing=tc.label_smoothing, mixed=self.mixed)
+                                     label_smoothing=tc.label_smoothing, mixed=self.mixed,
+                                     class_weights=self.spec.get("class_weights"))
             eval_step = _eval_step(self.model)
             it = iter(train.dataset)
             if self.rank == 0:
@@ -412,6 +415,7 @@ class _Worker:
             outputs.write_epoch_outputs(self.fs, self.model_dir, model=self.model, optimizer=self.optimizer,
                                         tensorboard=self.tensorboard, history=self.history, es=self.es,
                                         fingerprint=self.spec["fingerprint"], tc=self.tc)
+            self.tracker.epoch(row)
         self.heartbeat.beat(f"epoch={epoch} done", force=True, epoch_line=line)
         if self.es.stopped and self.rank == 0:
             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
