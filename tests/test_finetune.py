@@ -107,6 +107,58 @@ def test_history_has_a_phase_column_and_the_curves_mark_the_boundary():
     assert curves_png(rows)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+_MIXED = r"""
+import json
+import numpy as np, keras, tensorflow as tf
+import horovod.tensorflow as hvd
+from pipeline.config import load_config
+from pipeline.train.finetune import FROZEN, UNFROZEN, Schedule, Split
+from pipeline.train.models import build_model
+from pipeline.train.steps import TrainStep, build_optimizers
+
+hvd.init()
+keras.mixed_precision.set_global_policy("mixed_float16")
+out = {}
+for k in (1, 2):
+    tc = load_config(overrides=["train.freeze_epochs=1", "train.backbone_lr_multiplier=0.1",
+                                f"train.accumulate_steps={k}"]).train
+    model = build_model("compact_cnn", (16, 16, 3), 3, dropout=0.0)
+    split = Split(model, Schedule.from_config(tc), tc.model)
+    opts = build_optimizers(tc, model, split, mixed=True)
+    x = tf.random.stateless_normal((8, 16, 16, 3), seed=(1, 2))
+    y = tf.constant([0, 1, 2, 0, 1, 2, 0, 1])
+    steps = {}
+    for phase in (FROZEN, UNFROZEN):
+        steps[phase] = TrainStep(hvd, model, opts, rate=lambda it: tf.constant(1e-3, tf.float64), num_classes=3,
+                                 label_smoothing=0.0, mixed=True, accumulate_steps=k, phase=phase, split=split,
+                                 backbone_lr_multiplier=0.1)
+        loss = steps[phase]([(x, y)] * k)[0]
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    opts.head.dynamic_scale.assign(2.0 ** 100)  # float16 gradients overflow: the step must be skipped
+    steps[UNFROZEN]([(x, y)] * k)
+    out[k] = {"loss": float(loss), "counts": [int(opts.head.iterations.numpy()), int(opts.backbone.iterations.numpy())],
+              "scale_after_overflow": float(opts.head.dynamic_scale.numpy()),
+              "skipped": all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))}
+print(json.dumps(out))
+"""
+
+
+def test_mixed_precision_loss_scaling_with_two_optimizers_and_accumulation(tmp_path, repo_root):
+    """mixed_float16 on CPU, Horovod of size 1: the LossScaleOptimizer's ``dynamic_scale`` serves both optimizers."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MIXED], capture_output=True, text=True, timeout=300, cwd=repo_root,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for k in ("1", "2"):
+        assert np.isfinite(res[k]["loss"]), res
+        assert res[k]["counts"] == [2, 1], res  # head: a frozen and an unfrozen step; backbone: the unfrozen one
+        assert res[k]["skipped"] is True and res[k]["scale_after_overflow"] == 2.0 ** 99, res
+
+
 # --- slow: real training on 2 Horovod ranks ------------------------------------------------------
 
 
