@@ -201,6 +201,18 @@ class TrainConfig(_Section):
     #: backbone; or a URI of an earlier model-dir (warm start: backbone and head when the classes match, else the
     #: backbone with a new head). Ignored when resuming from a checkpoint.
     init_weights: Optional[str] = None
+    #: Fine-tuning schedule (docs/train.md): epochs 1..freeze_epochs train only the head, the backbone (every layer
+    #: but the head) frozen and called in inference mode; then the backbone trains too, whole or from the layer named
+    #: ``unfreeze_from`` on, with its own optimizer at ``backbone_lr_multiplier`` x the head's learning rate.
+    freeze_epochs: int = Field(0, ge=0, le=10_000)
+    unfreeze_from: Optional[str] = None
+    backbone_lr_multiplier: float = Field(1.0, gt=0, le=1000)
+    #: Gradients on the wire: ``fp16`` halves the allreduce bytes (Horovod's fp16 compression).
+    compression: Literal["none", "fp16"] = "none"
+    #: Horovod tensor fusion buffer (HOROVOD_FUSION_THRESHOLD) in MiB; null = Horovod's default (64).
+    fusion_threshold_mb: Optional[float] = Field(None, ge=0, le=16_384)
+    #: Micro-batches of ``batch_size`` per optimizer update: their gradients are summed locally and allreduced once.
+    accumulate_steps: int = Field(1, ge=1, le=4096)
     num_proc: int = Field(2, ge=1, le=1024)
     epochs: int = Field(10, ge=1, le=10_000)
     #: Per-process batch size.

@@ -261,7 +261,7 @@ def test_model_dir_layout_follows_the_contract(trained, ingested_sample):
     assert (d / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((d / "tensorboard").glob("events.out.tfevents.*"))
     with (d / "history.csv").open() as f:
-        assert next(csv.reader(f)) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+        assert next(csv.reader(f)) == ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                                        "learning_rate", "images_per_second", "epoch_seconds"]
 
     info = json.loads((d / "model.json").read_text())

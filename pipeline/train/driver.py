@@ -114,6 +114,10 @@ def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, mode
     problem = input_size_problem(tc.model, int(manifest.image.height), int(manifest.image.width))
     if problem:
         raise ConfigError(problem)
+    from pipeline.imaging.stored import ImageSpec
+    from pipeline.train.finetune import check_unfreeze_from
+
+    check_unfreeze_from(tc, ImageSpec.from_manifest(manifest).shape, len(manifest.classes))
     if int(manifest.splits.get("val", 0)) < 1:
         log.warning("--data %s has no val split: early stopping watches the train metric instead", data_uri)
     return manifest
@@ -129,14 +133,16 @@ def _model_dir_fs(model_dir: str) -> "FileSystem":
 
 def fingerprint(cfg: "Config", manifest: Mapping[str, Any], manifest_sha: str, *,
                 weights: Optional[Sequence[float]] = None) -> Dict[str, Any]:
-    """What a checkpoint must match to be resumed (data, classes, input, model, loss weights).
+    """What a checkpoint must match to be resumed (data, classes, input, model, schedule, loss weights).
 
-    The class weights are in it only when ``train.class_weight`` is set, so the checkpoints of
-    unweighted runs keep the fingerprint they had.
+    The fine-tuning schedule's keys and the class weights are in it only when set, so the
+    checkpoints of runs without them keep the fingerprint they had.
     """
+    from pipeline.train.finetune import Schedule
+
     fp = {"ingest_manifest_sha256": manifest_sha, "classes": dict(manifest["classes"]),
           "image": dict(manifest["image"]), "model": cfg.train.model, "optimizer": cfg.train.optimizer,
-          "mixed_precision": cfg.train.mixed_precision}
+          "mixed_precision": cfg.train.mixed_precision, **Schedule.from_config(cfg.train).fingerprint()}
     if weights is not None:
         fp["class_weights"] = [float(w) for w in weights]
     return fp
@@ -203,6 +209,8 @@ def horovod_env(cfg: "Config") -> Dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
     }
+    if tc.fusion_threshold_mb is not None:  # tensors fused into one allreduce up to this many bytes
+        env["HOROVOD_FUSION_THRESHOLD"] = str(int(tc.fusion_threshold_mb * 1024 * 1024))
     if tc.intra_op_threads:
         env["OMP_NUM_THREADS"] = str(tc.intra_op_threads)
     return env

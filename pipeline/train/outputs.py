@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
+HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
                    "images_per_second", "epoch_seconds")
 _STAGING_PREFIX = ".tmp-model-"
 _SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second")
@@ -48,6 +48,12 @@ def history_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in HISTORY_COLUMNS})
     return buf.getvalue()
+
+
+def phase_boundaries(rows: Sequence[Mapping[str, Any]]) -> List[float]:
+    """Epoch positions (half-way between epochs) where the history's ``phase`` changes."""
+    return [(a["epoch"] + b["epoch"]) / 2 for a, b in zip(rows, rows[1:])
+            if a.get("phase") and b.get("phase") and a["phase"] != b["phase"]]
 
 
 def curves_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -63,6 +69,8 @@ def curves_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
         val = [r.get(f"val_{metric}") for r in rows]
         if any(v is not None for v in val):
             ax.plot(epochs, [float("nan") if v is None else v for v in val], marker="o", label=f"val {metric}")
+        for boundary in phase_boundaries(rows):  # e.g. the backbone unfrozen after the frozen epochs
+            ax.axvline(boundary, color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)

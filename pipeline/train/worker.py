@@ -33,13 +33,17 @@ from pipeline import faults, tracking
 from pipeline.contracts import CHECKPOINTS_DIR, read_manifest
 from pipeline.fs import filesystem, join
 from pipeline.train import checkpoints, outputs
-from pipeline.train.class_weights import weighted_loss
 from pipeline.train.progress import Heartbeat
+from pipeline.train.finetune import Schedule
 from pipeline.train.schedule import EarlyStopping, learning_rate_schedule
+from pipeline.train.steps import TrainStep
+from pipeline.train.steps import eval_step as make_eval_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.config import Config, TrainConfig
+    from pipeline.train.finetune import Split
     from pipeline.train.gpu import GpuChoice
+    from pipeline.train.steps import Optimizers
 
 log = logging.getLogger(__name__)
 
@@ -136,73 +140,18 @@ def _pin_devices(tc: "TrainConfig", local_rank: int) -> Tuple["GpuChoice", bool]
     return choice, mixed
 
 
-def _build(tc: "TrainConfig", image_shape: Tuple[int, int, int], num_classes: int, mixed: bool) -> Tuple[Any, Any]:
-    """The model and its built optimizer (loss-scaled under mixed precision)."""
-    import keras
-
+def _build(tc: "TrainConfig", image_shape: Tuple[int, int, int], num_classes: int,
+           mixed: bool) -> Tuple[Any, Optional["Split"], "Optimizers"]:
+    """The model, its head/backbone split under a fine-tuning schedule, and its built optimizer(s)."""
+    from pipeline.train.finetune import Schedule, Split
     from pipeline.train.models import build_model
+    from pipeline.train.steps import build_optimizers
 
     model = build_model(tc.model, image_shape, num_classes, dropout=tc.dropout, weight_decay=tc.weight_decay,
                         width=tc.width, convs_per_block=tc.convs_per_block)
-    if tc.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate=tc.learning_rate, momentum=0.9, nesterov=True)
-    else:
-        optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
-    if mixed:
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    return model, optimizer
-
-
-def _accuracy_sum(probs: Any, y: Any) -> Any:
-    import tensorflow as tf
-
-    hits = tf.equal(tf.argmax(probs, -1, output_type=tf.int32), tf.cast(y, tf.int32))
-    return tf.reduce_sum(tf.cast(hits, tf.float32))
-
-
-def _train_step(hvd: Any, model: Any, optimizer: Any, *, rate: Any, num_classes: int, label_smoothing: float,
-                mixed: bool, class_weights: Optional[List[float]] = None) -> Callable[[Any, Any], Tuple[Any, ...]]:
-    """One compiled data-parallel step: ``(loss x n, correct, n, learning rate)``.
-
-    The rate is the schedule's value at the optimizer's step count, set before the update
-    (float64, rounded to the optimizer's float32 variable).
-    """
-    import tensorflow as tf
-
-    loss_of = weighted_loss(num_classes, label_smoothing, class_weights)  # train.class_weight, same on every rank
-
-    @tf.function
-    def train_step(x: Any, y: Any) -> Tuple[Any, ...]:
-        lr = rate(optimizer.iterations)
-        optimizer.learning_rate = lr
-        with tf.GradientTape() as tape:
-            probs = model(x, training=True)
-            loss = loss_of(y, probs)
-            if model.losses:
-                loss = loss + tf.add_n(model.losses)
-            scaled = optimizer.scale_loss(loss) if mixed else loss
-        tape = hvd.DistributedGradientTape(tape)
-        grads = tape.gradient(scaled, [v.value for v in model.trainable_variables])
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        n = tf.shape(y)[0]
-        return loss * tf.cast(n, tf.float32), _accuracy_sum(probs, y), n, lr
-
-    return train_step
-
-
-def _eval_step(model: Any) -> Callable[[Any, Any], Tuple[Any, ...]]:
-    """One compiled validation step: ``(loss sum, correct, n)``."""
-    import keras
-    import tensorflow as tf
-
-    @tf.function
-    def eval_step(x: Any, y: Any) -> Tuple[Any, ...]:
-        probs = tf.cast(model(x, training=False), tf.float32)
-        losses = keras.losses.sparse_categorical_crossentropy(tf.cast(y, tf.int32), probs)
-        return tf.reduce_sum(losses), _accuracy_sum(probs, y), tf.shape(y)[0]
-
-    return eval_step
+    schedule = Schedule.from_config(tc)
+    split = Split(model, schedule, tc.model) if schedule.active else None
+    return model, split, build_optimizers(tc, model, split, mixed)
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -227,8 +176,9 @@ class _Worker:
         self.manifest = read_manifest(self.data_uri)
         self.num_classes = len(self.manifest.classes)
         self.val_rows = int(self.manifest.splits.get("val", 0))
-        self.model, self.optimizer = _build(self.tc, ImageSpec.from_manifest(self.manifest).shape,
-                                            self.num_classes, self.mixed)
+        self.model, self.split, self.optimizer = _build(self.tc, ImageSpec.from_manifest(self.manifest).shape,
+                                                        self.num_classes, self.mixed)
+        self.schedule = Schedule.from_config(self.tc)
         self.fs = filesystem(self.model_dir)
         self.es = EarlyStopping(self.tc.early_stopping.metric, self.tc.early_stopping.patience,
                                 self.tc.early_stopping.min_delta)
@@ -328,23 +278,35 @@ class _Worker:
             val = (stack.enter_context(dataset.eval_dataset(self.data_uri, self.cfg, split="val", rank=self.rank,
                                                             size=self.size, batch_size=tc.batch_size))
                    if self.val_rows > 0 else None)
-            steps = int(train.steps_per_epoch)
+            k = tc.accumulate_steps
+            steps = int(train.steps_per_epoch) // k  # optimizer updates; each reads k micro-batches
             if steps < 1:
-                raise RuntimeError("the train split gives 0 steps per epoch: lower train.batch_size")
+                raise RuntimeError(f"the train split gives {int(train.steps_per_epoch)} batch(es) per epoch, fewer "
+                                   f"than train.accumulate_steps={k}: lower train.batch_size or accumulate_steps")
             rate = learning_rate_schedule(base_lr=tc.learning_rate, size=self.size,
                                           warmup_steps=int(round(tc.warmup_epochs * steps)), schedule=tc.lr_schedule,
                                           total_steps=steps * tc.epochs, min_ratio=tc.min_lr_ratio)
-            train_step = _train_step(self.hvd, self.model, self.optimizer, rate=rate, num_classes=self.num_classes,
-                                     label_smoothing=tc.label_smoothing, mixed=self.mixed,
-                                     class_weights=self.spec.get("class_weights"))
-            eval_step = _eval_step(self.model)
+            train_steps: Dict[str, TrainStep] = {}
+            eval_step = make_eval_step(self.model)
             it = iter(train.dataset)
             if self.rank == 0:
-                log.info("training %s on %d process(es): %d steps/epoch x %d images/step, epochs %d..%d",
-                         tc.model, self.size, steps, tc.batch_size * self.size, self.start_epoch + 1, tc.epochs)
+                log.info("training %s on %d process(es): %d steps/epoch x %d images/step%s, epochs %d..%d", tc.model,
+                         self.size, steps, tc.batch_size * self.size * k,
+                         f" ({k} micro-batches of {tc.batch_size} per process)" if k > 1 else "",
+                         self.start_epoch + 1, tc.epochs)
             for epoch in range(self.start_epoch + 1, tc.epochs + 1):
+                phase = self.schedule.phase(epoch)
+                if phase not in train_steps:  # a new phase: its trainable set, traced once, on every rank alike
+                    if self.rank == 0 and phase != "full":
+                        log.info("epoch %d: phase %s", epoch, phase)
+                    train_steps[phase] = TrainStep(
+                        self.hvd, self.model, self.optimizer, rate=rate, num_classes=self.num_classes,
+                        label_smoothing=tc.label_smoothing, mixed=self.mixed, compression=tc.compression,
+                        accumulate_steps=k, phase=phase, split=self.split,
+                        backbone_lr_multiplier=tc.backbone_lr_multiplier,
+                        class_weights=self.spec.get("class_weights"))
                 t_epoch = time.time()
-                row = self._train_epoch(epoch, it, steps, train_step)
+                row = self._train_epoch(epoch, it, steps, train_steps[phase], phase)
                 if val is not None:
                     row.update(self._validate(epoch, val.dataset, eval_step))
                 row["epoch_seconds"] = time.time() - t_epoch
@@ -358,16 +320,16 @@ class _Worker:
         out = self.hvd.allreduce(tf.constant(values, tf.float64), op=self.hvd.Sum, name=name)
         return [float(v) for v in out.numpy()]
 
-    def _train_epoch(self, epoch: int, it: Iterator[Any], steps: int, train_step: Callable[..., Any]) -> Dict[str, Any]:
-        """``steps`` steps, then totals and BatchNorm statistics agreed across ranks; the epoch's train row."""
+    def _train_epoch(self, epoch: int, it: Iterator[Any], steps: int, train_step: Callable[..., Any],
+                     phase: str) -> Dict[str, Any]:
+        """``steps`` updates, then totals and BatchNorm statistics agreed across ranks; the epoch's train row."""
         import tensorflow as tf
 
         t_epoch = time.time()
         sums: List[Any] = []
         for step in range(1, steps + 1):
             faults.fire(self.fault, "train.step", rank=self.rank, epoch=epoch, step=step)
-            x, y = next(it)
-            sums.append(train_step(x, y))
+            sums.append(train_step([next(it) for _ in range(self.tc.accumulate_steps)]))
             if self.first_step_unix is None:
                 float(sums[-1][0])  # wait for the step to finish
                 self.first_step_unix = time.time()
@@ -378,13 +340,13 @@ class _Worker:
         seconds = time.time() - t_epoch
         loss_sum, correct, count = self._allreduce_sum([loss_sum, correct, count], f"train_totals_{epoch}")
         # BatchNorm statistics saw different shards: average them so all ranks hold one model.
-        for v in self.model.non_trainable_variables:
+        for v in (self.split.synced(phase) if self.split is not None else self.model.non_trainable_variables):
             v.assign(self.hvd.allreduce(v.value, op=self.hvd.Average, name=f"sync_{epoch}_{v.path}"))
         # The first epoch of a run (graph tracing, reader start-up) is not steady state.
         if epoch > self.start_epoch + 1 or self.start_epoch + 1 == self.tc.epochs:
             self.train_seconds += seconds
             self.train_images += int(count)
-        return {"epoch": epoch, "train_loss": loss_sum / max(count, 1.0), "train_accuracy": correct / max(count, 1.0),
+        return {"epoch": epoch, "phase": phase, "train_loss": loss_sum / max(count, 1.0), "train_accuracy": correct / max(count, 1.0),
                 "val_loss": None, "val_accuracy": None, "learning_rate": float(sums[-1][3]),
                 "images_per_second": count / max(seconds, 1e-9)}
 
