@@ -15,6 +15,15 @@ start-up, is excluded by the training worker). Scaling efficiency =
 ``images/s(2) / (2 x images/s(1))``. Launch overhead = seconds from the
 ``horovod.spark.run`` call to the end of the first training step on rank 0.
 The last line is one JSON object; ``ratio`` is the efficiency.
+
+Large-model case, ``python bench/train.py --large`` (or ``BENCH_CASE=large``; not part of the
+no-argument run): ``resnet50`` on 1,000 Fashion-MNIST train images ingested at 32x32 (the
+backbone's minimum; grey repeated to RGB inside the model), 2 epochs (the first not counted),
+global batch ``LARGE_GLOBAL_BATCH``; images/s for ``num_proc=1`` and for ``num_proc=2`` with
+``train.compression`` none and fp16, the efficiency of each (``ratio`` = the better one), and
+the seconds one eager ``hvd.grouped_allreduce`` of resnet50's trainable variables (~23.5M
+parameters) takes on 2 processes with each compression (median of ``ALLREDUCE_REPEATS``).
+``BENCH_QUICK=1`` shrinks it to prove the script (its line says ``"quick": true``).
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache" / "train-20k"
@@ -63,11 +72,120 @@ def _prepare(spark: Any) -> str:
     return "file://" + str(out)
 
 
+LARGE_CACHE = REPO / "bench" / ".cache" / "train-large"
+LARGE_QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+LARGE_LIMIT = 200 if LARGE_QUICK else 1000
+LARGE_GLOBAL_BATCH = 32
+LARGE_EPOCHS = 2
+ALLREDUCE_REPEATS = 2 if LARGE_QUICK else 5
+
+
+def _large_config(num_proc: int, compression: str = "none") -> Any:
+    from pipeline.config import load_config
+
+    return load_config(["local.yaml", "fashion_mnist.yaml"], [
+        "spark.ui_enabled=false", "spark.log_level=ERROR",
+        "ingest.height=32", "ingest.width=32", "ingest.color_mode=L", "ingest.max_train_procs=2",
+        "train.model=resnet50", f"train.num_proc={num_proc}", f"train.batch_size={LARGE_GLOBAL_BATCH // num_proc}",
+        f"train.epochs={LARGE_EPOCHS}", "train.lr_schedule=constant", "train.warmup_epochs=0",
+        f"train.compression={compression}", "train.intra_op_threads=1", "train.inter_op_threads=1",
+        "train.early_stopping.patience=100", "loader.workers_count=1", *EXTRA_SET,
+    ])
+
+
+def _allreduce_seconds(spark: Any, compressions: Tuple[str, ...]) -> Dict[str, Any]:
+    """Median seconds of one eager grouped allreduce of resnet50's trainable variables on 2 processes."""
+    import horovod.spark
+
+    from pipeline.train import horovod_env
+
+    repeats = ALLREDUCE_REPEATS
+
+    def time_allreduce() -> Dict[str, Any]:
+        import statistics as st
+        import time as t
+
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        import horovod.tensorflow as hvd
+
+        from pipeline.train.models import build_model
+
+        hvd.init()
+        model = build_model("resnet50", (32, 32, 1), 10)
+        grads = [tf.random.normal(v.shape, seed=i) for i, v in enumerate(model.trainable_variables)]
+        out: Dict[str, Any] = {"params": int(sum(int(tf.size(g)) for g in grads))}
+        for name in compressions:
+            comp = hvd.Compression.fp16 if name == "fp16" else hvd.Compression.none
+            times = []
+            for _ in range(repeats + 1):  # the first negotiates and allocates: not counted
+                t0 = t.perf_counter()
+                res = hvd.grouped_allreduce(grads, op=hvd.Average, compression=comp)
+                float(res[-1][0, ...].numpy().ravel()[0])
+                times.append(t.perf_counter() - t0)
+            out[name] = st.median(times[1:])
+        return out
+
+    env = horovod_env(_large_config(2))
+    res = horovod.spark.run(time_allreduce, num_proc=2, use_gloo=True, nics=["lo"], start_timeout=120, env=env)
+    return res[0]
+
+
+def main_large() -> int:
+    from pipeline import ingest, train
+    from pipeline.contracts import COMMIT_MARKER, read_manifest
+    from pipeline.sample_data import export_class_folders
+    from pipeline.spark import build_session
+
+    spark = build_session(_large_config(2).spark, app_suffix="bench-train-large")
+    try:
+        raw, out = LARGE_CACHE / f"raw-{LARGE_LIMIT}", LARGE_CACHE / f"ingested-{LARGE_LIMIT}"
+        export_class_folders(raw, limit=LARGE_LIMIT, splits=("train",))
+        if not (out / COMMIT_MARKER).exists():
+            ingest.run(spark, _large_config(2), input_uri=raw.as_uri(), output_uri=out.as_uri(), mode="overwrite")
+        data = out.as_uri()
+        runs: Dict[str, Dict[str, Any]] = {}
+        for key, n, comp in (("np1", 1, "none"), ("np2_none", 2, "none"), ("np2_fp16", 2, "fp16")):
+            model_dir = LARGE_CACHE / f"model-{key}"
+            shutil.rmtree(model_dir, ignore_errors=True)
+            t0 = time.time()
+            runs[key] = train.run(spark, _large_config(n, comp), data_uri=data, model_dir=model_dir.as_uri(),
+                                  mode="overwrite")
+            runs[key]["wall_s"] = round(time.time() - t0, 1)
+            print(f"{key}: {runs[key]['images_per_second']:.1f} img/s, {runs[key]['wall_s']} s", flush=True)
+        seconds = _allreduce_seconds(spark, ("none", "fp16"))
+    finally:
+        spark.stop()
+    ips1 = runs["np1"]["images_per_second"]
+    eff = {c: runs[f"np2_{c}"]["images_per_second"] / (2 * ips1) for c in ("none", "fp16")}
+    print(f"resnet50 32x32, global batch {LARGE_GLOBAL_BATCH}: efficiency none {eff['none']:.3f}, fp16 "
+          f"{eff['fp16']:.3f}; allreduce of {seconds['params']:,} params: none {seconds['none']:.3f} s, "
+          f"fp16 {seconds['fp16']:.3f} s")
+    line = {
+        "ratio": round(max(eff.values()), 3), "efficiency_none": round(eff["none"], 3),
+        "efficiency_fp16": round(eff["fp16"], 3), "images_per_second_np1": round(ips1, 1),
+        "images_per_second_np2_none": round(runs["np2_none"]["images_per_second"], 1),
+        "images_per_second_np2_fp16": round(runs["np2_fp16"]["images_per_second"], 1),
+        "allreduce_s_none": round(seconds["none"], 4), "allreduce_s_fp16": round(seconds["fp16"], 4),
+        "allreduce_params": seconds["params"], "global_batch": LARGE_GLOBAL_BATCH, "epochs": LARGE_EPOCHS,
+        "train_rows": read_manifest(data).splits.get("train"),
+        "wall_s": round(sum(r["wall_s"] for r in runs.values()), 1),
+        "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    if LARGE_QUICK:
+        line["quick"] = True
+    print(json.dumps(line))
+    return 0
+
+
 def main() -> int:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    if "--large" in sys.argv[1:] or os.environ.get("BENCH_CASE") == "large":
+        return main_large()
     from pipeline import train
     from pipeline.contracts import read_manifest
     from pipeline.spark import build_session
