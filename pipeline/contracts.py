@@ -36,6 +36,8 @@ STAGING_PREFIX = "._pixelmill_staging-"
 MANIFEST = "_manifest.json"
 IMAGES_DIR = "images"
 REJECTS_DIR = "rejects"
+#: Thumbnails of flagged images and near-duplicate pairs that the run report shows.
+QUALITY_EXAMPLES = "_quality_examples.json"
 MANIFEST_VERSION = 1
 
 # training output (model dir)

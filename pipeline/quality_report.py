@@ -8,10 +8,9 @@ import html
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
+from pipeline.contracts import QUALITY_EXAMPLES
 from pipeline.fs import filesystem, join, to_uri
 from pipeline.imaging.quality import FLAGS
-
-EXAMPLES_FILE = "_quality_examples.json"  # pipeline.ingest.quality.EXAMPLES_FILE (kept Spark-free here)
 
 #: Checks, once the page has loaded, that every image decoded; a headless browser reads the result
 #: from the body's data attributes (tests/test_quality.py).
@@ -26,7 +25,7 @@ IMAGES_CHECK = (
 def read_examples(ingest_dir: str) -> Dict[str, Any]:
     uri = to_uri(ingest_dir)
     fs = filesystem(uri)
-    path = join(uri, EXAMPLES_FILE)
+    path = join(uri, QUALITY_EXAMPLES)
     return fs.read_json(path) if fs.exists(path) else {}
 
 

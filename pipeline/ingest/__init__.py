@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Tuple
 from pipeline import faults
 from pipeline.commit import atomic_output, check_output_mode
 from pipeline.config import Config, IngestConfig
-from pipeline.contracts import IMAGES_DIR, REJECTS_DIR, IngestManifest, read_manifest, write_manifest
+from pipeline.contracts import IMAGES_DIR, QUALITY_EXAMPLES, REJECTS_DIR, IngestManifest, read_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.fs import FileSystem, filesystem, join, to_uri
 from pipeline.imaging.clean import ImageOptions
@@ -92,7 +92,7 @@ class _Outputs(NamedTuple):
     run: accounting.RunCounts
     total: accounting.Totals
     quality: Dict[str, Any]  #: the manifest's ``quality`` block
-    examples: Dict[str, Any]  #: thumbnails for the report (:data:`.quality.EXAMPLES_FILE`)
+    examples: Dict[str, Any]  #: thumbnails for the report (:data:`pipeline.contracts.QUALITY_EXAMPLES`)
 
 
 def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, mode: str = "error") -> Dict[str, Any]:
@@ -245,9 +245,9 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     accounting.check_run_accounted(listing.files_seen, run_)
     total = accounting.totals(prior.manifest if prior else None, run_, listing.files_seen, job.cfg,
                               ImageOptions.from_config(job.cfg).channels)
-    set_job_description(spark, "ingest: quality flags and examples")
+    set_job_description(spark, "ingest: quality examples")
     t = time.perf_counter()
-    block = quality.block(job.cfg, quality.flag_counts(resolved), near, prior.manifest if prior else None)
+    block = quality.block(job.cfg, accounting.flag_counts(groups), near, prior.manifest if prior else None)
     shown = quality.examples(resolved)
     timings["quality_s"] = round(time.perf_counter() - t, 3)
     return _Outputs(*_to_write(resolved, prior, total.classes), run_, total, block, shown)
@@ -311,7 +311,7 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
             mode=job.mode, carved=scan.carved, total=total, run=out.run, files_seen=scan.listing.files_seen,
             row_groups=row_groups, timings=timings)
         manifest["quality"] = out.quality
-        staged.write_json(join(staging, quality.EXAMPLES_FILE), out.examples)
+        staged.write_json(join(staging, QUALITY_EXAMPLES), out.examples)
         write_manifest(staged, staging, manifest)
     log.info("ingest: committed %s: %d accepted, %d rejected, splits %s, %.0f files/s", job.output_uri,
              total.accepted, sum(total.rejected.values()), manifest["splits"], manifest["images_per_second"])

@@ -1,9 +1,10 @@
-"""Data quality at ingest: near-duplicate groups applied to the splits, flag counts, examples to look at.
+"""Data quality at ingest: near-duplicate groups applied to the splits, the manifest block, examples to look at.
 
 :func:`apply` runs between the duplicate resolution and the accounting, so the counts (and
 the invariant ``files_seen == accepted + rejected``) already include what it moved or rejected.
-:func:`block` is the manifest's ``quality`` block; :func:`examples` the few thumbnails of each
-flag and of near-duplicate pairs that the run report shows (``_quality_examples.json``).
+:func:`block` is the manifest's ``quality`` block (flag counts come with the accounting's
+aggregation, :func:`pipeline.ingest.accounting.flag_counts`); :func:`examples` the few thumbnails of each
+flag and of near-duplicate pairs that the run report shows (:data:`pipeline.contracts.QUALITY_EXAMPLES`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: The report's examples next to ``_manifest.json`` (thumbnails as base64 PNG).
-EXAMPLES_FILE = "_quality_examples.json"
 THUMB_SIDE = 96
 
 
@@ -41,18 +40,6 @@ def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"]) -> 
         stored = None
     return with_near_duplicates(df, policy=cfg.near_duplicates, distance=cfg.near_dup_distance,
                                 max_group=cfg.near_dup_max_group, stored=stored)
-
-
-def flag_counts(df: "DataFrame") -> Dict[str, Dict[str, int]]:
-    """``{split: {flag: images}}`` of the accepted rows of ``df`` (every flag listed, zeros included)."""
-    from pyspark.sql import functions as F
-
-    rows = (df.filter(F.col("reason").isNull() & (F.size("quality_flags") > 0))
-            .select("split", F.explode("quality_flags").alias("flag")).groupBy("split", "flag").count().collect())
-    out: Dict[str, Dict[str, int]] = {}
-    for r in rows:
-        out.setdefault(r["split"], dict.fromkeys(FLAGS, 0))[r["flag"]] = int(r["count"])
-    return dict(sorted(out.items()))
 
 
 def block(cfg: IngestConfig, flags: Mapping[str, Mapping[str, int]], near: Mapping[str, Any],
