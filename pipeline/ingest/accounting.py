@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 from pipeline.config import IngestConfig
 from pipeline.errors import DataError, InvariantError
 from pipeline.imaging.clean import channel_mean_std
+from pipeline.imaging.quality import FLAGS
 from pipeline.imaging.reasons import ALREADY_INGESTED
 from pipeline.ingest.extract import STAT_COLS
 
@@ -26,17 +27,31 @@ log = logging.getLogger(__name__)
 
 
 def group_counts(df: "DataFrame") -> List["Row"]:
-    """Rows per (reason, split, label): ``n``, stored ``bytes``, pixel sums (``s*``, ``q*``) and ``npix``."""
+    """Rows per (reason, split, label): ``n``, stored ``bytes``, pixel sums (``s*``, ``q*``), ``npix``
+    and, per quality flag ``f``, ``flag_<f>`` (the images raising it)."""
     from pyspark.sql import functions as F
 
+    flagged = [F.sum(F.coalesce(F.array_contains("quality_flags", f), F.lit(False)).cast("long")).alias(f"flag_{f}")
+               for f in FLAGS]
     return (
         df.groupBy("reason", "split", "label")
         .agg(F.count(F.lit(1)).alias("n"),
              F.sum(F.length("image")).alias("bytes"),
              *[F.sum(c).alias(c) for c in STAT_COLS],
-             F.sum("npix").alias("npix"))
+             F.sum("npix").alias("npix"), *flagged)
         .collect()
     )
+
+
+def flag_counts(groups: Sequence["Row"]) -> Dict[str, Dict[str, int]]:
+    """``{split: {flag: images}}`` of the accepted rows, from :func:`group_counts` (splits with a flag only)."""
+    out: Dict[str, Dict[str, int]] = {}
+    for g in groups:
+        if g["reason"] is None and any(g[f"flag_{f}"] for f in FLAGS):
+            into = out.setdefault(g["split"], dict.fromkeys(FLAGS, 0))
+            for f in FLAGS:
+                into[f] += int(g[f"flag_{f}"] or 0)
+    return dict(sorted(out.items()))
 
 
 @dataclass
