@@ -129,12 +129,12 @@ def _clean_one(path: str, content: Optional[bytes], opts: imc.ImageOptions, labe
     """One file's :data:`PROCESSED_DDL` row (image columns None for a reject)."""
     data = bytes(content) if content is not None else b""
     iid = imc.image_id(data)
-    split, label = layout.place(path, iid, **where)
+    split, label, source = layout.placement(path, iid, **where)
     res = imc.clean_image(data, path, opts)
     if isinstance(res, imc.Cleaned) and label_source == "folders" and label is None:
         res = imc.Rejected(NO_LABEL, "file is not inside a class folder (<input>/[<split>/]<label>/...)")
     row: Dict[str, Any] = {"source_path": layout.normalize_source(path), "image_id": iid, "label": label,
-                           "split": split, "split_source": layout.split_source(path, **where)}
+                           "split": split, "split_source": source}
     if not isinstance(res, imc.Cleaned):
         return {**row, "reason": res.reason, "detail": res.detail[:1000], **dict.fromkeys(_IMAGE_ONLY)}
     sums = list(res.pixel_sum) + [None] * (3 - len(res.pixel_sum))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from pipeline.fs import is_under
 from pipeline.schema import UNLABELED_SPLIT
@@ -98,35 +98,41 @@ def carve_fractions(fractions: Mapping[str, float]) -> Optional[Dict[str, float]
     return {"train": t / (t + v), "val": v / (t + v)}
 
 
-def place(path: str, image_id_hex: str, *, root_uri: str, label_source: str, fractions: Mapping[str, float],
-          seed: int, carve: Optional[Mapping[str, float]] = None) -> Tuple[str, Optional[str]]:
-    """``(split, folder label)`` of one input file.
+#: How a file's split was chosen (:func:`placement`): a split folder, the hash carving val out
+#: of the layout's ``train/``, or the content hash alone. Near-duplicate handling may move only
+#: ``hash`` rows, and ``carved`` rows between train and val.
+SPLIT_SOURCES = ("folder", "carved", "hash")
+
+
+class Placement(NamedTuple):
+    split: str
+    label: Optional[str]
+    source: str  #: one of :data:`SPLIT_SOURCES`
+
+
+def placement(path: str, image_id_hex: str, *, root_uri: str, label_source: str, fractions: Mapping[str, float],
+              seed: int, carve: Optional[Mapping[str, float]] = None) -> Placement:
+    """Split, folder label and split source of one input file.
 
     A split folder wins (its ``train`` files are carved into train/val by hash when ``carve``
     is given); without one the split is the content hash's, or ``unlabeled`` when the input
     has no labels. The label is the class folder, for ``label_source == "folders"`` only.
     """
     split, rest = layout_split(relative_parts(path, root_uri))
+    source = "folder"
     if split == "train" and carve is not None:
-        split = hash_split(image_id_hex, carve, seed)
+        split, source = hash_split(image_id_hex, carve, seed), "carved"
     label = folder_label(rest) if label_source == "folders" else None
     if split is None:
+        source = "hash"
         split = UNLABELED_SPLIT if label_source == "none" else hash_split(image_id_hex, fractions, seed)
-    return split, label
+    return Placement(split, label, source)
 
 
-#: How a file's split was chosen (:func:`split_source`): a split folder, the hash carving val out
-#: of the layout's ``train/``, or the content hash alone. Near-duplicate handling may move only
-#: ``hash`` rows, and ``carved`` rows between train and val.
-SPLIT_SOURCES = ("folder", "carved", "hash")
-
-
-def split_source(path: str, *, root_uri: str, carve: Optional[Mapping[str, float]] = None, **_: Any) -> str:
-    """Which of :data:`SPLIT_SOURCES` gave ``path`` its split (the same arguments as :func:`place`)."""
-    split, _rest = layout_split(relative_parts(path, root_uri))
-    if split is None:
-        return "hash"
-    return "carved" if split == "train" and carve is not None else "folder"
+def place(path: str, image_id_hex: str, **where: Any) -> Tuple[str, Optional[str]]:
+    """``(split, folder label)`` of one input file (:func:`placement` without the source)."""
+    p = placement(path, image_id_hex, **where)
+    return p.split, p.label
 
 
 def layout_has_val(fs: "FileSystem", input_uri: str) -> bool:
