@@ -127,6 +127,12 @@ class IngestConfig(_Section):
     #: loose for the data chains look-alike images together).
     near_dup_max_group: int = Field(64, ge=2)
 
+    @field_validator("near_duplicates", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare ``off`` as false: take it as the word the user wrote.
+        return "off" if v is False else v
+
     @field_validator("image_extensions", mode="after")
     @classmethod
     def _norm_ext(cls, v: Tuple[str, ...]) -> Tuple[str, ...]:

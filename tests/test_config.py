@@ -93,3 +93,13 @@ def test_secrets_are_redacted():
     assert all("abc" not in v and "AKIA" not in v and v != "t" for k, v in red.items() if k != "spark.sql.shuffle.partitions")
     cfg = load_config(overrides=["spark.conf.spark.hadoop.fs.s3a.secret.key=abc"])
     assert "abc" not in str(cfg.to_dict())
+
+
+def test_near_duplicates_off_survives_yaml(tmp_path):
+    # YAML 1.1 reads a bare `off` as false; the user wrote the policy's name.
+    f = tmp_path / "q.yaml"
+    f.write_text("ingest: {near_duplicates: off}\n")
+    assert load_config([f]).ingest.near_duplicates == "off"
+    assert load_config([], ["ingest.near_duplicates=off"]).ingest.near_duplicates == "off"
+    with pytest.raises(ConfigError, match="near_duplicates"):
+        load_config([], ["ingest.near_duplicates=true"])
