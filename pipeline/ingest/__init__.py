@@ -223,7 +223,7 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     resolved = _persisted(held, resolved, StorageLevel.MEMORY_AND_DISK)
     t = time.perf_counter()
     set_job_description(spark, f"ingest: clean {listing.files_seen} files and group near-duplicates")
-    resolved, near = quality.apply(resolved, job.cfg, prior.images if prior is not None else None)
+    resolved, near, pairs = quality.apply(resolved, job.cfg, prior.images if prior is not None else None)
     timings["near_dups_s"] = round(time.perf_counter() - t, 3)  # includes the scan, which it runs first
     groups = accounting.group_counts(resolved)
     scanned = sum(g["n"] for g in groups)
@@ -248,7 +248,7 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     set_job_description(spark, "ingest: quality examples")
     t = time.perf_counter()
     block = quality.block(job.cfg, accounting.flag_counts(groups), near, prior.manifest if prior else None)
-    shown = quality.examples(resolved)
+    shown = quality.examples(resolved, pairs)
     timings["quality_s"] = round(time.perf_counter() - t, 3)
     return _Outputs(*_to_write(resolved, prior, total.classes), run_, total, block, shown)
 

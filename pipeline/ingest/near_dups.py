@@ -9,9 +9,9 @@ true ones. Recall is exact; the keys have ``128 / (d + 2)`` bits (21 at ``d = 4`
 buckets stay small for random-looking hashes. That join is the work that grows with the
 data, and it runs on executors as Spark SQL on ``LongType`` hashes (no Python worker).
 
-The pairs' connected components are the groups: the pairs stream to the driver into a
+The pairs' connected components are the groups: the pairs are collected to the driver into a
 union-find (:func:`roots_of`; memory grows with the images that have a near-duplicate, not
-with all images), and the hash -> root map is broadcast back. A group is named by its
+with all images), and the hash -> (group, size) map is broadcast back. A group is named by its
 smallest ``image_id`` (its "earliest member"), whose split the others follow under
 ``ingest.near_duplicates: same_split``. A group larger than ``ingest.near_dup_max_group`` is
 a sign of a distance too loose for the data (similar-looking images chain together): it is
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, NamedTuple, Sequence, Tuple
 
 from pipeline.imaging.quality import HASH_BITS
 
@@ -29,6 +29,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame
 
 log = logging.getLogger(__name__)
+
+
+class NearDuplicates(NamedTuple):
+    """What :func:`with_near_duplicates` returns."""
+
+    frame: "DataFrame"  #: the rows with the policy applied and the group columns
+    summary: Dict[str, Any]  #: the manifest's ``quality.near_duplicates`` block
+    pairs: List[Tuple[str, str]]  #: image ids of near-duplicate pairs to show, cross-split groups first
 
 def blocks(distance: int) -> List[Tuple[int, int]]:
     """(shift, width) of the ``distance + 2`` blocks covering the 64 bits."""
@@ -43,39 +51,52 @@ def _block(h: "Column", shift: int, width: int) -> "Column":
     return F.shiftrightunsigned(h, shift).bitwiseAND(F.lit((1 << width) - 1))
 
 
-def candidate_keys(hashes: "DataFrame", *, distance: int, hash_col: str = "phash") -> "DataFrame":
-    """One row per (hash, band) with the band's key; every pair within ``distance`` shares a key."""
+def candidate_keys(hashes: "DataFrame", *, distance: int, hash_col: str = "phash",
+                   carry: Sequence[str] = ()) -> "DataFrame":
+    """One row per (hash, band) with the band's key (and the ``carry`` columns); every pair within
+    ``distance`` shares a key."""
     from pyspark.sql import functions as F
 
     h = F.col(hash_col)
     bl = blocks(distance)
     keys = [F.struct(F.lit(t).alias("band"), _block(h, *bl[i]).alias("k1"), _block(h, *bl[j]).alias("k2"))
             for t, (i, j) in enumerate(itertools.combinations(range(len(bl)), 2))]
-    return hashes.select(h.alias("h"), F.explode(F.array(*keys)).alias("key")).select("h", "key.*")
+    return hashes.select(h.alias("h"), *carry, F.explode(F.array(*keys)).alias("key")).select("h", *carry, "key.*")
 
 
-def hash_pairs(hashes: "DataFrame", *, distance: int, hash_col: str = "phash") -> "DataFrame":
-    """Distinct pairs ``(a, b, distance)`` with ``a < b`` of the distinct hashes within ``distance``."""
+def hash_pairs(hashes: "DataFrame", *, distance: int, hash_col: str = "phash",
+               carry: Sequence[str] = ()) -> "DataFrame":
+    """Distinct pairs ``(a, b, distance)`` with ``a < b`` of the distinct hashes within ``distance``.
+
+    ``carry`` names columns of ``hashes`` (one row per hash) brought along for both ends, as
+    ``a_<col>`` and ``b_<col>``, so a caller needs no second join to learn about them.
+    """
     from pyspark.sql import functions as F
 
-    if distance <= 0:
-        return hashes.sparkSession.createDataFrame([], "a long, b long, distance int")
-    keys = candidate_keys(hashes.select(hash_col).distinct(), distance=distance, hash_col=hash_col)
+    out = ["a", "b", "distance", *[f"{e}_{c}" for e in "ab" for c in carry]]
+    if distance <= 0:  # equal hashes are not pairs (they are one node)
+        return hashes.select(F.col(hash_col).alias("a"), F.col(hash_col).alias("b"), F.lit(0).alias("distance"),
+                             *[F.col(c).alias(f"{e}_{c}") for e in "ab" for c in carry]).filter(F.lit(False))
+    keys = candidate_keys(hashes.select(hash_col, *carry).distinct(), distance=distance, hash_col=hash_col,
+                          carry=carry)
     left, right = keys.alias("l"), keys.alias("r")
+    x = F.col("l.h").bitwiseXOR(F.col("r.h"))
     return (
         left.join(right, on=[F.col("l.band") == F.col("r.band"), F.col("l.k1") == F.col("r.k1"),
-                             F.col("l.k2") == F.col("r.k2"), F.col("l.h") < F.col("r.h")], how="inner")
-        .select(F.col("l.h").alias("a"), F.col("r.h").alias("b"))
-        .distinct()
+                             F.col("l.k2") == F.col("r.k2"), F.col("l.h") < F.col("r.h"),
+                             F.bit_count(x) <= F.lit(distance)], how="inner")
+        .select(F.col("l.h").alias("a"), F.col("r.h").alias("b"),
+                *[F.col(f"{s}.{c}").alias(f"{e}_{c}") for e, s in (("a", "l"), ("b", "r")) for c in carry])
+        .distinct()  # a pair agreeing on several bands meets itself on each
         .withColumn("distance", F.bit_count(F.col("a").bitwiseXOR(F.col("b"))).cast("int"))
-        .filter(F.col("distance") <= distance)
+        .select(*out)
     )
 
 
 def roots_of(pairs: Iterable[Tuple[int, int]]) -> Dict[int, int]:
     """Each hash of ``pairs`` -> the smallest hash of its connected component (union-find).
 
-    Runs on the driver over the pairs streamed from the executors: its memory grows with
+    Runs on the driver over the pairs collected from the executors: its memory grows with
     the number of images that have a near-duplicate, never with the number of images.
     """
     parent: Dict[int, int] = {}
@@ -96,6 +117,41 @@ def roots_of(pairs: Iterable[Tuple[int, int]]) -> Dict[int, int]:
     return {x: find(x) for x in nodes}
 
 
+def group_members(df: "DataFrame", *, distance: int, id_col: str = "image_id",
+                  hash_col: str = "phash") -> List[Tuple[int, str, int]]:
+    """``(hash, group, size)`` for every hash of ``df`` that has a near-duplicate or an equal twin.
+
+    ``group`` is the smallest ``id_col`` of the hash's connected component and ``size`` its
+    number of images. One Spark job: the per-hash counts (images, smallest id) travel with
+    the pairs of the self-join and with the hashes shared by several images; the union-find
+    and the per-group sums run on the driver over that small result.
+    """
+    from pyspark.sql import functions as F
+
+    per_hash = df.groupBy(hash_col).agg(F.count(F.lit(1)).alias("n"), F.min(id_col).alias("first"))
+    per_hash = per_hash.cache()
+    try:
+        pairs = hash_pairs(per_hash, distance=distance, hash_col=hash_col, carry=("n", "first")).drop("distance")
+        twins = per_hash.filter(F.col("n") > 1).select(
+            F.col(hash_col).alias("a"), F.col(hash_col).alias("b"), F.col("n").alias("a_n"),
+            F.col("first").alias("a_first"), F.col("n").alias("b_n"), F.col("first").alias("b_first"))
+        rows = pairs.unionByName(twins).toArrow()
+    finally:
+        per_hash.unpersist()
+    a, b = rows.column("a").to_pylist(), rows.column("b").to_pylist()
+    info: Dict[int, Tuple[int, str]] = {}
+    for e, col in (("a", a), ("b", b)):
+        info.update(zip(col, zip(rows.column(f"{e}_n").to_pylist(), rows.column(f"{e}_first").to_pylist())))
+    roots = roots_of((x, y) for x, y in zip(a, b) if x != y)
+    size: Dict[int, int] = {}
+    first: Dict[int, str] = {}
+    for h, (n, f) in info.items():
+        root = roots.get(h, h)
+        size[root] = size.get(root, 0) + int(n)
+        first[root] = min(first.get(root, f), f)
+    return [(h, first[roots.get(h, h)], size[roots.get(h, h)]) for h in info]
+
+
 def with_near_dup_groups(df: "DataFrame", *, distance: int, max_group: int, id_col: str = "image_id",
                          hash_col: str = "phash") -> "DataFrame":
     """``df`` plus ``near_dup_group`` (the group's smallest ``id_col``; null for an image without a
@@ -104,25 +160,22 @@ def with_near_dup_groups(df: "DataFrame", *, distance: int, max_group: int, id_c
     such a group is reported, never acted on). ``hash_col`` must not be null. Images with equal
     hashes are always one group.
 
-    Everything the driver sees is per hash that has a near-duplicate or an equal twin; the
-    images are touched by one aggregation, the pair join, and one broadcast join.
+    Everything the driver sees is per hash that has a near-duplicate or an equal twin
+    (:func:`group_members`); the images are touched by one aggregation, the pair join, and one
+    broadcast join.
     """
     from pyspark.sql import functions as F
 
-    per_hash = df.groupBy(hash_col).agg(F.count(F.lit(1)).alias("n"), F.min(id_col).alias("first")).cache()
-    try:
-        pairs = hash_pairs(per_hash, distance=distance, hash_col=hash_col).select("a", "b")
-        roots = roots_of((r.a, r.b) for r in pairs.toLocalIterator())
-        twins = {r[hash_col]: r[hash_col] for r in per_hash.filter(F.col("n") > 1).select(hash_col).toLocalIterator()}
-        mapping = df.sparkSession.createDataFrame(list((twins | roots).items()), f"{hash_col} long, _root long")
-        groups = (per_hash.join(F.broadcast(mapping), on=hash_col, how="inner")
-                  .groupBy("_root").agg(F.sum("n").cast("int").alias("near_dup_size"),
-                                        F.min("first").alias("near_dup_group")))
-        member = F.broadcast(mapping.join(groups, on="_root", how="inner").drop("_root")).localCheckpoint()
-    finally:
-        per_hash.unpersist()
+    import pyarrow as pa
+
+    members = group_members(df, distance=distance, id_col=id_col, hash_col=hash_col)
+    h, g, n = zip(*members) if members else ((), (), ())
+    member = df.sparkSession.createDataFrame(pa.table({
+        hash_col: pa.array(h, pa.int64()), "near_dup_group": pa.array(g, pa.string()),
+        "near_dup_size": pa.array(n, pa.int32())}))
+    small = F.broadcast(member) if len(members) <= 2_000_000 else member
     return (
-        df.join(member, on=hash_col, how="left")
+        df.join(small, on=hash_col, how="left")
         .withColumn("near_dup_size", F.coalesce(F.col("near_dup_size"), F.lit(1)))
         .withColumn("near_dup_oversized", F.col("near_dup_size") > F.lit(max_group))
     )
@@ -133,12 +186,14 @@ STORED = "stored"
 
 
 def with_near_duplicates(df: "DataFrame", *, policy: str, distance: int, max_group: int,
-                         stored: "DataFrame | None" = None) -> Tuple["DataFrame", Dict[str, Any]]:
+                         stored: "DataFrame | None" = None, pairs: int = 6) -> NearDuplicates:
     """Apply ``ingest.near_duplicates`` to the accepted rows of ``df`` (:data:`pipeline.ingest.extract.PROCESSED_DDL`).
 
-    Returns ``(frame, summary)``: ``frame`` has ``df``'s columns plus ``near_dup_group``,
-    ``near_dup_size`` and ``near_dup_oversized`` (null / 1 / false outside a group), with ``split`` changed by ``same_split`` and ``reason`` /
-    ``detail`` by ``keep_one``. ``stored`` (on append: the output's ``image_id, phash, split``)
+    Returns a :class:`NearDuplicates`: ``frame`` has ``df``'s columns plus ``near_dup_group``,
+    ``near_dup_size`` and ``near_dup_oversized`` (null / 1 / false outside a group), with ``split``
+    changed by ``same_split`` and ``reason`` / ``detail`` by ``keep_one``; ``summary`` is the
+    manifest's counts (:func:`summarize`); ``pairs`` up to ``pairs`` pairs of image ids to show
+    (:func:`example_pairs`). ``stored`` (on append: the output's ``image_id, phash, split``)
     takes part in the groups but is never moved or rejected, so new files follow the stored ones.
 
     Every group has one *anchor*: its member with the smallest ``image_id`` among those whose
@@ -146,8 +201,10 @@ def with_near_duplicates(df: "DataFrame", *, policy: str, distance: int, max_gro
     member into the anchor's split when its own split came from the content hash (or, carved out
     of ``train/``, when the anchor is in train or val); ``keep_one`` keeps the anchor and rejects
     the rest. Oversized groups are left alone. Only the rows that have a near-duplicate are
-    decided (a small frame); they are joined back by ``image_id``.
+    decided: one Spark job brings them to the driver (one small row per image in a group), which
+    counts them and broadcasts the decisions back, joined by ``image_id``.
     """
+    import pyarrow as pa
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -177,15 +234,16 @@ def with_near_duplicates(df: "DataFrame", *, policy: str, distance: int, max_gro
         F.when(reject, F.concat(F.lit(f"near-duplicate (pHash within Hamming distance {distance}) of "),
                                 F.col("_a.p"))).alias("_detail"),
         "near_dup_group", "near_dup_size", "near_dup_oversized",
-    ).localCheckpoint()
-    summary = summarize(everyone) | {"policy": policy, "distance": distance, "max_group": max_group}
-    decided = everyone.filter(F.col("split_source") != STORED).drop("split_source")
-    n = summary["images_in_groups"]
-    log.info("ingest: %d images in %d near-duplicate groups (distance %d), %d cross-split groups", n,
-             summary["groups"], distance, sum(summary["cross_split_groups"].values()))
-    small = F.broadcast(decided) if n <= 2_000_000 else decided
+    )
+    members = everyone.toArrow().to_pylist()
+    summary = summarize(members) | {"policy": policy, "distance": distance, "max_group": max_group}
+    log.info("ingest: %d images in %d near-duplicate groups (distance %d), %d cross-split groups",
+             summary["images_in_groups"], summary["groups"], distance, sum(summary["cross_split_groups"].values()))
+    new = [r for r in members if r["split_source"] != STORED]
+    decided = df.sparkSession.createDataFrame(pa.Table.from_pylist(new, schema=_decided_schema()))
+    small = F.broadcast(decided) if len(new) <= 2_000_000 else decided
     hit = F.col("reason").isNull() & F.col("_split").isNotNull()
-    return (
+    frame = (
         df.join(small, on="image_id", how="left")
         .select(
             *[c for c in df.columns if c not in ("split", "reason", "detail")],
@@ -197,10 +255,19 @@ def with_near_duplicates(df: "DataFrame", *, policy: str, distance: int, max_gro
             F.when(hit, F.col("near_dup_oversized")).otherwise(F.lit(False)).alias("near_dup_oversized"),
         )
         .select(*df.columns, "near_dup_group", "near_dup_size", "near_dup_oversized")
-    ), summary
+    )
+    return NearDuplicates(frame, summary, example_pairs(new, limit=pairs))
 
 
-def summarize(members: "DataFrame") -> Dict[str, Any]:
+def _decided_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("image_id", pa.string()), ("_split", pa.string()), ("_reason", pa.string()),
+                      ("_detail", pa.string()), ("near_dup_group", pa.string()), ("near_dup_size", pa.int32()),
+                      ("near_dup_oversized", pa.bool_())])
+
+
+def summarize(members: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """Counts of near-duplicate groups from one row per member (``near_dup_group``, ``near_dup_size``,
     ``near_dup_oversized``, ``_split`` after the policy, ``_split_before``, ``_reason``).
 
@@ -208,32 +275,57 @@ def summarize(members: "DataFrame") -> Dict[str, Any]:
     (``"test+train"``), and each of its kept members in split ``s`` counts as a leaked image of
     ``s``. Oversized groups are counted apart (they were left alone).
     """
-    from pyspark.sql import functions as F
-
-    kept = members.filter(F.col("_reason").isNull())
-    per_group = kept.groupBy("near_dup_group").agg(
-        F.array_sort(F.collect_set("_split")).alias("splits"), F.first("near_dup_oversized").alias("over"))
-    shapes = per_group.groupBy("splits", "over").agg(F.count(F.lit(1)).alias("groups")).collect()
-    leaked = (kept.join(per_group.filter((F.size("splits") > 1) & ~F.col("over")), "near_dup_group")
-              .groupBy("_split").count().collect())
-    totals = members.agg(
-        F.count(F.lit(1)).alias("images"), F.countDistinct("near_dup_group").alias("groups"),
-        F.coalesce(F.max("near_dup_size"), F.lit(0)).alias("largest"),
-        F.sum(F.when(F.col("_split") != F.col("_split_before"), 1).otherwise(0)).alias("moved"),
-        F.sum(F.when(F.col("_reason").isNotNull(), 1).otherwise(0)).alias("rejected"),
-    ).first()
-    over = members.filter(F.col("near_dup_oversized")).agg(F.countDistinct("near_dup_group")).first()[0]
+    splits: Dict[str, set] = {}
+    over: Dict[str, bool] = {}
+    for r in members:
+        g = r["near_dup_group"]
+        over[g] = bool(r["near_dup_oversized"])
+        if r["_reason"] is None:
+            splits.setdefault(g, set()).add(r["_split"])
     cross: Dict[str, int] = {}
     cross_over: Dict[str, int] = {}
-    for r in shapes:
-        if len(r["splits"]) > 1:
-            into = cross_over if r["over"] else cross
-            into["+".join(r["splits"])] = into.get("+".join(r["splits"]), 0) + int(r["groups"])
+    for g, ss in splits.items():
+        if len(ss) > 1:
+            into = cross_over if over[g] else cross
+            key = "+".join(sorted(ss))
+            into[key] = into.get(key, 0) + 1
+    leaked: Dict[str, int] = {}
+    for r in members:
+        g = r["near_dup_group"]
+        if r["_reason"] is None and len(splits[g]) > 1 and not over[g]:
+            leaked[r["_split"]] = leaked.get(r["_split"], 0) + 1
     return {
-        "images_in_groups": int(totals["images"]), "groups": int(totals["groups"]),
-        "largest_group": int(totals["largest"]), "oversized_groups": int(over or 0),
-        "moved": int(totals["moved"] or 0), "rejected": int(totals["rejected"] or 0),
+        "images_in_groups": len(members), "groups": len(over),
+        "largest_group": max((int(r["near_dup_size"]) for r in members), default=0),
+        "oversized_groups": sum(over.values()),
+        "moved": sum(r["_split"] != r["_split_before"] for r in members),
+        "rejected": sum(r["_reason"] is not None for r in members),
         "cross_split_groups": dict(sorted(cross.items())),
-        "leaked_images": {r["_split"]: int(r["count"]) for r in sorted(leaked, key=lambda r: r["_split"])},
+        "leaked_images": dict(sorted(leaked.items())),
         "oversized_cross_split_groups": dict(sorted(cross_over.items())),
     }
+
+
+def example_pairs(members: Sequence[Mapping[str, Any]], *, limit: int) -> List[Tuple[str, str]]:
+    """Up to ``limit`` pairs of kept images of one group each, for a person to look at.
+
+    Groups spanning the most splits come first (then by group name). From a group: its first
+    member (by ``image_id``) of each split, the first two of those by split name; a group in
+    one split gives its two smallest ids.
+    """
+    by_group: Dict[str, List[Mapping[str, Any]]] = {}
+    for r in members:
+        if r["_reason"] is None:
+            by_group.setdefault(r["near_dup_group"], []).append(r)
+    ranked = []
+    for g, rs in by_group.items():
+        if len(rs) < 2:
+            continue
+        seen: Dict[str, int] = {}
+        order = []
+        for r in sorted(rs, key=lambda r: r["image_id"]):
+            seen[r["_split"]] = seen.get(r["_split"], 0) + 1
+            order.append((seen[r["_split"]], r["_split"], r["image_id"]))
+        order.sort()
+        ranked.append((-len(seen), g, order[0][2], order[1][2]))
+    return [(a, b) for _, _, a, b in sorted(ranked)[:limit]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pipeline.config import IngestConfig
 from pipeline.imaging.quality import FLAGS
@@ -19,21 +19,23 @@ from pipeline.imaging.quality import FLAGS
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame
 
+    from pipeline.ingest.near_dups import NearDuplicates
+
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 96
 
 
-def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"]) -> Tuple["DataFrame", Dict[str, Any]]:
+def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"]) -> "NearDuplicates":
     """``ingest.near_duplicates`` applied to ``df``; ``off`` adds the columns without looking for pairs."""
     from pyspark.sql import functions as F
 
-    from pipeline.ingest.near_dups import with_near_duplicates
+    from pipeline.ingest.near_dups import NearDuplicates, with_near_duplicates
 
     if cfg.near_duplicates == "off":
-        return (df.withColumn("near_dup_group", F.lit(None).cast("string"))
-                .withColumn("near_dup_size", F.lit(1)).withColumn("near_dup_oversized", F.lit(False)),
-                {"policy": "off"})
+        return NearDuplicates(df.withColumn("near_dup_group", F.lit(None).cast("string"))
+                              .withColumn("near_dup_size", F.lit(1)).withColumn("near_dup_oversized", F.lit(False)),
+                              {"policy": "off"}, [])
     if stored is not None and "phash" not in stored.columns:
         log.warning("ingest: the output was written without perceptual hashes: near-duplicates are looked "
                     "for among the new files only (re-ingest with --mode overwrite to cover every image)")
@@ -69,10 +71,11 @@ def _thumb(data: bytes) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def examples(df: "DataFrame", *, per_flag: int = 4, pairs: int = 6) -> Dict[str, Any]:
-    """A few accepted images per flag and near-duplicate pairs (cross-split groups first), as thumbnails.
+def examples(df: "DataFrame", pairs: Sequence[Tuple[str, str]], *, per_flag: int = 4) -> Dict[str, Any]:
+    """A few accepted images per flag, and the near-duplicate ``pairs`` (image ids, chosen by
+    :func:`pipeline.ingest.near_dups.example_pairs`), as thumbnails.
 
-    The choice runs on the ids alone; only the chosen images' bytes reach the driver.
+    The choice of flagged images runs on the ids alone; only the chosen images' bytes reach the driver.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -81,19 +84,7 @@ def examples(df: "DataFrame", *, per_flag: int = 4, pairs: int = 6) -> Dict[str,
     flagged = (acc.filter(F.size("quality_flags") > 0).select("image_id", F.explode("quality_flags").alias("flag"))
                .withColumn("_n", F.row_number().over(Window.partitionBy("flag").orderBy("image_id")))
                .filter(F.col("_n") <= per_flag).collect())
-    grouped = acc.filter(F.col("near_dup_group").isNotNull()).select("image_id", "split", "near_dup_group")
-    by_group = Window.partitionBy("near_dup_group")
-    # In each group: its first member of each split, then of those the first two (by split name);
-    # a group in one split gives its two smallest ids.
-    ranked = (grouped
-              .withColumn("_s", F.row_number().over(Window.partitionBy("near_dup_group", "split").orderBy("image_id")))
-              .withColumn("_splits", F.size(F.collect_set("split").over(by_group)))
-              .withColumn("_k", F.row_number().over(by_group.orderBy("_s", "split", "image_id")))
-              .filter(F.col("_k") <= 2))
-    top = [r["near_dup_group"] for r in ranked.filter(F.col("_k") == 1)
-           .orderBy(F.desc("_splits"), "near_dup_group").limit(pairs).collect()]
-    members = ranked.filter(F.col("near_dup_group").isin(top)).collect() if top else []
-    wanted = {r["image_id"] for r in flagged} | {r["image_id"] for r in members}
+    wanted = {r["image_id"] for r in flagged} | {i for pair in pairs for i in pair}
     data = {r["image_id"]: r for r in acc.filter(F.col("image_id").isin(sorted(wanted)))
             .select("image_id", "source_path", "split", "image").collect()} if wanted else {}
 
@@ -104,8 +95,6 @@ def examples(df: "DataFrame", *, per_flag: int = 4, pairs: int = 6) -> Dict[str,
     out: Dict[str, Any] = {"flags": {}, "near_duplicate_pairs": []}
     for r in sorted(flagged, key=lambda r: (FLAGS.index(r["flag"]), r["_n"])):
         out["flags"].setdefault(r["flag"], []).append(shown(r["image_id"]))
-    for g in top:
-        pair = sorted((m for m in members if m["near_dup_group"] == g), key=lambda m: m["_k"])
-        if len(pair) == 2:
-            out["near_duplicate_pairs"].append([shown(m["image_id"]) for m in pair])
+    for pair in pairs:
+        out["near_duplicate_pairs"].append([shown(i) for i in pair])
     return out
