@@ -43,6 +43,12 @@ class SparkConfig(_Section):
     #: Extra Spark confs, applied after pixelmill's small-machine defaults.
     conf: Dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare ``OFF`` as false: take it as the level the user wrote.
+        return "OFF" if v is False else (v.upper() if isinstance(v, str) else v)
+
     @field_validator("conf", mode="before")
     @classmethod
     def _stringify(cls, v: Any) -> Any:

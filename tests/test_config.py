@@ -103,3 +103,13 @@ def test_near_duplicates_off_survives_yaml(tmp_path):
     assert load_config([], ["ingest.near_duplicates=off"]).ingest.near_duplicates == "off"
     with pytest.raises(ConfigError, match="near_duplicates"):
         load_config([], ["ingest.near_duplicates=true"])
+
+
+def test_log_level_off_survives_yaml(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("spark: {log_level: OFF}\n")
+    assert load_config([f]).spark.log_level == "OFF"
+    assert load_config([], ["spark.log_level=off"]).spark.log_level == "OFF"
+    assert load_config([], ["spark.log_level=error"]).spark.log_level == "ERROR"
+    with pytest.raises(ConfigError, match="log_level"):
+        load_config([], ["spark.log_level=true"])

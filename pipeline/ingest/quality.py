@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from pipeline.config import IngestConfig
 from pipeline.imaging.quality import FLAGS
