@@ -12,7 +12,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from pipeline.imaging.quality import (
     FLAGS, QualityThresholds, flags, hamming, measure, phash,
 )
-from pipeline.ingest.near_dups import blocks, hash_pairs, with_near_dup_groups
+from pipeline.ingest.near_dups import blocks, hash_pairs, local_pairs, with_near_dup_groups
 
 
 def _known_images():
@@ -130,11 +130,24 @@ def test_lsh_pairs_equal_the_brute_force_pairs(spark):
         assert want, "the planted neighbours must give pairs"
 
 
-def test_groups_are_the_connected_components_named_by_their_smallest_id(spark):
+def test_driver_pairs_equal_the_brute_force_pairs():
+    rows = _planted(400, seed=11)
+    hs = np.unique(np.array([h for _, h in rows], dtype=np.int64))
+    for d in (0, 2, 4, 6):
+        i, j = local_pairs(hs, distance=d)
+        got = {(int(hs[a]), int(hs[b])) for a, b in zip(i, j)}
+        want = {(int(a), int(b)) for a, b in itertools.combinations(hs.tolist(), 2) if hamming(a, b) <= d}
+        assert got == want, f"distance {d}"
+        assert len(got) == len(i), "every pair comes out once"
+        assert d == 0 or want
+
+
+@pytest.mark.parametrize("driver_max", [0, 10_000], ids=["spark-join", "driver"])
+def test_groups_are_the_connected_components_named_by_their_smallest_id(spark, driver_max):
     rows = _planted(300, seed=3)
     d = 6
     df = spark.createDataFrame(rows, "image_id string, phash long")
-    got = with_near_dup_groups(df, distance=d, max_group=2).collect()
+    got = with_near_dup_groups(df, distance=d, max_group=2, driver_max=driver_max).collect()
     out = {r.image_id: (r.near_dup_group, r.near_dup_size) for r in got}
     assert all(r.near_dup_oversized == (r.near_dup_size > 2) for r in got)
     assert len(out) == len(rows)

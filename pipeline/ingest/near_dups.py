@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, NamedTuple
 from pipeline.imaging.quality import HASH_BITS
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     from pyspark.sql import Column, DataFrame
 
 log = logging.getLogger(__name__)
@@ -117,20 +118,84 @@ def roots_of(pairs: Iterable[Tuple[int, int]]) -> Dict[int, int]:
     return {x: find(x) for x in nodes}
 
 
-def group_members(df: "DataFrame", *, distance: int, id_col: str = "image_id",
-                  hash_col: str = "phash") -> List[Tuple[int, str, int]]:
+#: Up to this many distinct hashes, the pairs are found on the driver (:func:`local_pairs`, the
+#: same blocks in numpy; at most ~100 MB there) instead of by the Spark self-join: one small
+#: collect instead of a shuffle of ``C(d + 2, 2)`` keys per hash.
+DRIVER_HASHES_MAX = 1_000_000
+
+_POPCOUNT = None
+
+
+def _popcount(x: "np.ndarray") -> "np.ndarray":
+    """Set bits of each uint64 in ``x`` (a byte table: numpy 1.26 has no ``bitwise_count``)."""
+    import numpy as np
+
+    global _POPCOUNT
+    if _POPCOUNT is None:
+        _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+    return _POPCOUNT[np.ascontiguousarray(x, dtype=np.uint64).view(np.uint8)].reshape(-1, 8).sum(axis=1)
+
+
+def local_pairs(hashes: "np.ndarray", *, distance: int) -> Tuple["np.ndarray", "np.ndarray"]:
+    """Index pairs ``(i, j)``, ``i < j``, into the sorted distinct int64 ``hashes`` within ``distance``.
+
+    The same block keys as :func:`hash_pairs` (exact recall), in numpy on one machine: per
+    band, the hashes sorted by key, every pair inside a run of equal keys, verified with a
+    popcount; pairs met on several bands are kept once.
+    """
+    import numpy as np
+
+    u = np.ascontiguousarray(hashes, dtype=np.int64).view(np.uint64)
+    if distance <= 0 or len(u) < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    bl = blocks(distance)
+    found = []
+    for i, j in itertools.combinations(range(len(bl)), 2):
+        (si, wi), (sj, wj) = bl[i], bl[j]
+        key = (((u >> np.uint64(si)) & np.uint64((1 << wi) - 1)) << np.uint64(wj)) | (
+            (u >> np.uint64(sj)) & np.uint64((1 << wj) - 1))
+        order = np.argsort(key, kind="stable")
+        k = key[order]
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        sizes = np.diff(np.r_[starts, len(k)])
+        # position p in a run of n (local index r) pairs with the n - r - 1 positions after it
+        run_of = np.repeat(np.arange(len(starts)), sizes)
+        later = (starts + sizes)[run_of] - np.arange(len(k)) - 1
+        total = int(later.sum())
+        if total == 0:
+            continue
+        left = np.repeat(np.arange(len(k)), later)
+        ends = np.cumsum(later)
+        step = np.arange(total) - np.repeat(ends - later, later)
+        right = left + 1 + step
+        a, b = order[left], order[right]
+        keep = _popcount(u[a] ^ u[b]) <= distance
+        lo, hi = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
+        found.append(lo.astype(np.int64) * len(u) + hi)
+    if not found:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    code = np.unique(np.concatenate(found))
+    return code // len(u), code % len(u)
+
+
+def group_members(df: "DataFrame", *, distance: int, id_col: str = "image_id", hash_col: str = "phash",
+                  driver_max: int = DRIVER_HASHES_MAX) -> List[Tuple[int, str, int]]:
     """``(hash, group, size)`` for every hash of ``df`` that has a near-duplicate or an equal twin.
 
     ``group`` is the smallest ``id_col`` of the hash's connected component and ``size`` its
-    number of images. One Spark job: the per-hash counts (images, smallest id) travel with
-    the pairs of the self-join and with the hashes shared by several images; the union-find
-    and the per-group sums run on the driver over that small result.
+    number of images. Up to ``driver_max`` distinct hashes, the per-hash counts (images,
+    smallest id) are collected and paired on the driver (:func:`local_pairs`); above it, one
+    Spark job runs the self-join (:func:`hash_pairs`), the counts travelling with the pairs
+    and with the hashes shared by several images. Either way the union-find and the per-group
+    sums run on the driver over the pairs.
     """
     from pyspark.sql import functions as F
 
     per_hash = df.groupBy(hash_col).agg(F.count(F.lit(1)).alias("n"), F.min(id_col).alias("first"))
     per_hash = per_hash.cache()
     try:
+        if per_hash.count() <= driver_max:
+            return _members_on_driver(per_hash.toArrow(), distance=distance, hash_col=hash_col)
         pairs = hash_pairs(per_hash, distance=distance, hash_col=hash_col, carry=("n", "first")).drop("distance")
         twins = per_hash.filter(F.col("n") > 1).select(
             F.col(hash_col).alias("a"), F.col(hash_col).alias("b"), F.col("n").alias("a_n"),
@@ -142,7 +207,26 @@ def group_members(df: "DataFrame", *, distance: int, id_col: str = "image_id",
     info: Dict[int, Tuple[int, str]] = {}
     for e, col in (("a", a), ("b", b)):
         info.update(zip(col, zip(rows.column(f"{e}_n").to_pylist(), rows.column(f"{e}_first").to_pylist())))
-    roots = roots_of((x, y) for x, y in zip(a, b) if x != y)
+    return _components(info, zip(a, b))
+
+
+def _members_on_driver(table: Any, *, distance: int, hash_col: str) -> List[Tuple[int, str, int]]:
+    """:func:`group_members` from the collected per-hash table (``hash_col, n, first``)."""
+    import numpy as np
+
+    table = table.sort_by(hash_col)
+    h = table.column(hash_col).to_numpy()
+    n = table.column("n").to_numpy()
+    first = table.column("first").to_pylist()
+    i, j = local_pairs(h, distance=distance)
+    nodes = np.unique(np.concatenate([i, j, np.flatnonzero(n > 1)]))
+    info = {int(h[k]): (int(n[k]), first[k]) for k in nodes}
+    return _components(info, zip(h[i].tolist(), h[j].tolist()))
+
+
+def _components(info: Dict[int, Tuple[int, str]], pairs: Iterable[Tuple[int, int]]) -> List[Tuple[int, str, int]]:
+    """``(hash, group, size)`` per hash of ``info`` (hash -> (images, smallest id)) over the ``pairs``."""
+    roots = roots_of((x, y) for x, y in pairs if x != y)
     size: Dict[int, int] = {}
     first: Dict[int, str] = {}
     for h, (n, f) in info.items():
@@ -153,7 +237,7 @@ def group_members(df: "DataFrame", *, distance: int, id_col: str = "image_id",
 
 
 def with_near_dup_groups(df: "DataFrame", *, distance: int, max_group: int, id_col: str = "image_id",
-                         hash_col: str = "phash") -> "DataFrame":
+                         hash_col: str = "phash", driver_max: int = DRIVER_HASHES_MAX) -> "DataFrame":
     """``df`` plus ``near_dup_group`` (the group's smallest ``id_col``; null for an image without a
     near-duplicate), ``near_dup_size`` (1 then) and ``near_dup_oversized`` (the group has more than
     ``max_group`` members: a distance too loose for the data chains similar images together, and
@@ -168,7 +252,7 @@ def with_near_dup_groups(df: "DataFrame", *, distance: int, max_group: int, id_c
 
     import pyarrow as pa
 
-    members = group_members(df, distance=distance, id_col=id_col, hash_col=hash_col)
+    members = group_members(df, distance=distance, id_col=id_col, hash_col=hash_col, driver_max=driver_max)
     h, g, n = zip(*members) if members else ((), (), ())
     member = df.sparkSession.createDataFrame(pa.table({
         hash_col: pa.array(h, pa.int64()), "near_dup_group": pa.array(g, pa.string()),
