@@ -12,7 +12,9 @@ from PIL import Image, ImageEnhance, ImageFilter
 from pipeline.imaging.quality import (
     FLAGS, QualityThresholds, flags, hamming, measure, phash,
 )
-from pipeline.ingest.near_dups import blocks, hash_pairs, local_pairs, with_near_dup_groups
+from pipeline.ingest.near_dups import (
+    STORED, blocks, decide, hash_pairs, local_pairs, with_near_dup_groups, with_near_duplicates,
+)
 
 
 def _known_images():
@@ -174,6 +176,68 @@ def test_groups_are_the_connected_components_named_by_their_smallest_id(spark, d
             assert group == (min(members) if len(members) > 1 else None)
     assert any(len(m) >= 3 for m in comps.values()), "a chain must make a group of three"
     assert out["z_same"][0] is not None and out["z_same"][0] == out["r0000"][0], "equal hashes are one group"
+
+
+def _member(i, split, source, group="g", size=4, oversized=False):
+    return {"image_id": i, "split": split, "split_source": source, "source_path": f"/in/{i}.png",
+            "near_dup_group": group, "near_dup_size": size, "near_dup_oversized": oversized}
+
+
+def test_the_anchor_is_the_smallest_given_id_and_hash_splits_follow_it():
+    members = [_member("a", "train", "hash"), _member("b", "val", "carved"), _member("c", "test", "folder"),
+               _member("d", "train", "hash"), _member("e", "train", "folder")]
+    got = {r["image_id"]: r for r in decide(members, policy="same_split", distance=4)}
+    # anchor: c (the smallest id whose split was given), not a (smallest overall)
+    assert got["a"]["_split"] == "test" and got["d"]["_split"] == "test"
+    assert got["b"]["_split"] == "val", "carved out of train/ moves only to train or val"
+    assert got["e"]["_split"] == "train", "a given split never moves"
+    assert all(r["_reason"] is None for r in got.values())
+    kept = decide(members, policy="keep_one", distance=4)
+    assert [r["image_id"] for r in kept if r["_reason"] is None] == ["c"]
+    assert all(r["_detail"].endswith("of /in/c.png") for r in kept if r["_reason"] is not None)
+    # a carved member follows an anchor in train
+    carved = decide([_member("x", "val", "carved"), _member("y", "train", "folder")], policy="same_split", distance=4)
+    assert [r["_split"] for r in carved] == ["train", "train"]
+
+
+def test_oversized_groups_and_stored_rows_are_never_acted_on():
+    over = [_member("a", "test", "folder", oversized=True), _member("b", "train", "hash", oversized=True)]
+    assert [r["_split"] for r in decide(over, policy="same_split", distance=4)] == ["test", "train"]
+    assert all(r["_reason"] is None for r in decide(over, policy="keep_one", distance=4))
+    stored = [_member("z", "test", STORED), _member("b", "train", "hash"), _member("a", "val", STORED)]
+    got = decide(stored, policy="keep_one", distance=4)
+    # the stored 'a' is the anchor: the new 'b' is rejected, the stored 'z' is kept
+    assert [(r["image_id"], r["_reason"]) for r in got] == [("z", None), ("b", "near_duplicate"), ("a", None)]
+    assert decide(stored, policy="same_split", distance=4)[1]["_split"] == "val"
+    assert all(r["_split"] == r["_split_before"] for r in decide(stored, policy="report", distance=4))
+
+
+@pytest.mark.parametrize("policy", ["same_split", "keep_one", "report"])
+def test_the_driver_and_the_executors_decide_the_same(spark, policy):
+    """The policy found from one collected row per image equals the one found by the Spark join."""
+    from pyspark.sql import functions as F
+
+    r = random.Random(5)
+    sources = ["folder", "hash", "carved"]
+    rows = [(i, h, r.choice(["train", "val", "test"]), r.choice(sources), f"/in/{i}.png",
+             "duplicate" if n % 37 == 0 else None) for n, (i, h) in enumerate(_planted(400, seed=7))]
+    df = spark.createDataFrame(rows, "image_id string, phash long, split string, split_source string, "
+                                     "source_path string, reason string").withColumn("detail", F.lit(None).cast("string"))
+    stored = spark.createDataFrame([(f"s{i:03d}", h ^ 1, "test", f"/old/{i}.png") for i, (_, h) in
+                                    enumerate(_planted(60, seed=7)[:40])],
+                                   "image_id string, phash long, split string, source_path string")
+    kw = dict(policy=policy, distance=4, max_group=3, stored=stored)
+    on_driver = with_near_duplicates(df, rows_at_most=len(rows) + 40, **kw)
+    on_spark = with_near_duplicates(df, rows_at_most=None, **kw)
+    assert on_driver.summary == on_spark.summary
+    assert on_driver.pairs == on_spark.pairs
+    assert sorted(on_driver.frame.collect()) == sorted(on_spark.frame.collect())
+    assert on_driver.summary["groups"] >= 10 and on_driver.summary["oversized_groups"] >= 1
+    assert on_driver.summary["cross_split_groups"], "random splits must give cross-split groups"
+    if policy == "keep_one":
+        assert on_driver.summary["rejected"] > 0
+    if policy == "same_split":
+        assert on_driver.summary["moved"] > 0
 
 
 # --- ingest: near-duplicate policies, flags, manifest, examples (real Fashion-MNIST images) ----------

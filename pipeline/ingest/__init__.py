@@ -223,7 +223,8 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     resolved = _persisted(held, resolved, StorageLevel.MEMORY_AND_DISK)
     t = time.perf_counter()
     set_job_description(spark, f"ingest: clean {listing.files_seen} files and group near-duplicates")
-    resolved, near, pairs = quality.apply(resolved, job.cfg, prior.images if prior is not None else None)
+    resolved, near, pairs = quality.apply(resolved, job.cfg, prior.images if prior is not None else None,
+                                          rows_at_most=listing.files_seen + (prior.manifest.accepted if prior else 0))
     timings["near_dups_s"] = round(time.perf_counter() - t, 3)  # includes the scan, which it runs first
     groups = accounting.group_counts(resolved)
     scanned = sum(g["n"] for g in groups)

@@ -6,12 +6,15 @@ Two hashes within distance ``d`` differ in at most ``d`` blocks, so they agree e
 at least two of them (pigeonhole): every one of the ``C(m, 2)`` block pairs is a join key, a
 self-join on equal keys yields every candidate pair, and ``bit_count(a ^ b) <= d`` keeps the
 true ones. Recall is exact; the keys have ``128 / (d + 2)`` bits (21 at ``d = 4``), so
-buckets stay small for random-looking hashes. That join is the work that grows with the
-data, and it runs on executors as Spark SQL on ``LongType`` hashes (no Python worker).
+buckets stay small for random-looking hashes. Up to :data:`DRIVER_HASHES_MAX` rows, the
+matching runs in numpy on the driver over one collected row per hash or image
+(:func:`local_pairs`); above, it is a Spark SQL self-join on the executors, on ``LongType``
+hashes (no Python worker), and only the pairs reach the driver.
 
-The pairs' connected components are the groups: the pairs are collected to the driver into a
-union-find (:func:`roots_of`; memory grows with the images that have a near-duplicate, not
-with all images), and the hash -> (group, size) map is broadcast back. A group is named by its
+The pairs' connected components are the groups, found by a union-find on the driver
+(:func:`roots_of`; past the driver bound, memory grows with the images that have a
+near-duplicate, not with all images). The policy (:func:`decide`) runs on the driver over one
+row per image in a group, and its decisions are broadcast back. A group is named by its
 smallest ``image_id`` (its "earliest member"), whose split the others follow under
 ``ingest.near_duplicates: same_split``. A group larger than ``ingest.near_dup_max_group`` is
 a sign of a distance too loose for the data (similar-looking images chain together): it is
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, NamedTuple, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from pipeline.imaging.quality import HASH_BITS
 
@@ -123,17 +126,15 @@ def roots_of(pairs: Iterable[Tuple[int, int]]) -> Dict[int, int]:
 #: collect instead of a shuffle of ``C(d + 2, 2)`` keys per hash.
 DRIVER_HASHES_MAX = 1_000_000
 
-_POPCOUNT = None
-
-
 def _popcount(x: "np.ndarray") -> "np.ndarray":
-    """Set bits of each uint64 in ``x`` (a byte table: numpy 1.26 has no ``bitwise_count``)."""
+    """Set bits of each uint64 in ``x`` (SWAR: numpy 1.26 has no ``bitwise_count``)."""
     import numpy as np
 
-    global _POPCOUNT
-    if _POPCOUNT is None:
-        _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-    return _POPCOUNT[np.ascontiguousarray(x, dtype=np.uint64).view(np.uint8)].reshape(-1, 8).sum(axis=1)
+    x = np.asarray(x, dtype=np.uint64)
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
 
 
 def local_pairs(hashes: "np.ndarray", *, distance: int) -> Tuple["np.ndarray", "np.ndarray"]:
@@ -270,7 +271,8 @@ STORED = "stored"
 
 
 def with_near_duplicates(df: "DataFrame", *, policy: str, distance: int, max_group: int,
-                         stored: "DataFrame | None" = None, pairs: int = 6) -> NearDuplicates:
+                         stored: "DataFrame | None" = None, pairs: int = 6, rows_at_most: Optional[int] = None,
+                         driver_max: int = DRIVER_HASHES_MAX) -> NearDuplicates:
     """Apply ``ingest.near_duplicates`` to the accepted rows of ``df`` (:data:`pipeline.ingest.extract.PROCESSED_DDL`).
 
     Returns a :class:`NearDuplicates`: ``frame`` has ``df``'s columns plus ``near_dup_group``,
@@ -280,50 +282,33 @@ def with_near_duplicates(df: "DataFrame", *, policy: str, distance: int, max_gro
     (:func:`example_pairs`). ``stored`` (on append: the output's ``image_id, phash, split``)
     takes part in the groups but is never moved or rejected, so new files follow the stored ones.
 
-    Every group has one *anchor*: its member with the smallest ``image_id`` among those whose
-    split was given (a split folder, or already stored), else among all. ``same_split`` moves a
-    member into the anchor's split when its own split came from the content hash (or, carved out
-    of ``train/``, when the anchor is in train or val); ``keep_one`` keeps the anchor and rejects
-    the rest. Oversized groups are left alone. Only the rows that have a near-duplicate are
-    decided: one Spark job brings them to the driver (one small row per image in a group), which
-    counts them and broadcasts the decisions back, joined by ``image_id``.
+    When ``rows_at_most`` (a bound on the rows of ``df`` plus ``stored`` known without a Spark
+    job, e.g. the files listed) is at most ``driver_max``, one Spark job collects a narrow row
+    per image (id, hash, split, where the split came from, path) and the groups are found on the
+    driver (:func:`local_pairs`); otherwise :func:`with_near_dup_groups` finds them on the
+    executors and one job collects the rows of the images in a group. Either way the policy
+    (:func:`decide`) runs on the driver over those rows, and its decisions are broadcast back,
+    joined by ``image_id``.
     """
     import pyarrow as pa
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
-
-    from pipeline.imaging.reasons import NEAR_DUPLICATE
 
     cols = ["image_id", "phash", "split", "split_source", "source_path"]
     acc = df.filter(F.col("reason").isNull() & F.col("phash").isNotNull()).select(*cols)
     if stored is not None:
         acc = acc.unionByName(stored.filter(F.col("phash").isNotNull()).select(
             "image_id", "phash", "split", F.lit(STORED).alias("split_source"), "source_path"))
-    grouped = with_near_dup_groups(acc, distance=distance, max_group=max_group).filter(
-        F.col("near_dup_group").isNotNull())
-    given = F.col("split_source").isin("folder", STORED)
-    anchor = F.min(F.struct((~given).alias("o"), F.col("image_id").alias("i"), F.col("split").alias("s"),
-                            F.col("source_path").alias("p"))).over(Window.partitionBy("near_dup_group"))
-    d = grouped.withColumn("_a", anchor)
-    acting = ~F.col("near_dup_oversized") & (F.col("split_source") != STORED)
-    split = F.col("split")
-    if policy == "same_split":
-        movable = (F.col("split_source") == "hash") | (
-            (F.col("split_source") == "carved") & F.col("_a.s").isin("train", "val"))
-        split = F.when(acting & movable, F.col("_a.s")).otherwise(F.col("split"))
-    reject = acting & (F.col("image_id") != F.col("_a.i")) if policy == "keep_one" else F.lit(False)
-    everyone = d.select(
-        "image_id", "split_source", split.alias("_split"), F.col("split").alias("_split_before"),
-        F.when(reject, F.lit(NEAR_DUPLICATE)).alias("_reason"),
-        F.when(reject, F.concat(F.lit(f"near-duplicate (pHash within Hamming distance {distance}) of "),
-                                F.col("_a.p"))).alias("_detail"),
-        "near_dup_group", "near_dup_size", "near_dup_oversized",
-    )
-    members = everyone.toArrow().to_pylist()
-    summary = summarize(members) | {"policy": policy, "distance": distance, "max_group": max_group}
+    if rows_at_most is not None and rows_at_most <= driver_max:
+        members = _grouped_on_driver(acc.toArrow(), distance=distance, max_group=max_group)
+    else:
+        grouped = with_near_dup_groups(acc, distance=distance, max_group=max_group, driver_max=driver_max)
+        members = (grouped.filter(F.col("near_dup_group").isNotNull())
+                   .select(*cols, "near_dup_group", "near_dup_size", "near_dup_oversized").toArrow().to_pylist())
+    decided_rows = decide(members, policy=policy, distance=distance)
+    summary = summarize(decided_rows) | {"policy": policy, "distance": distance, "max_group": max_group}
     log.info("ingest: %d images in %d near-duplicate groups (distance %d), %d cross-split groups",
              summary["images_in_groups"], summary["groups"], distance, sum(summary["cross_split_groups"].values()))
-    new = [r for r in members if r["split_source"] != STORED]
+    new = [r for r in decided_rows if r["split_source"] != STORED]
     decided = df.sparkSession.createDataFrame(pa.Table.from_pylist(new, schema=_decided_schema()))
     small = F.broadcast(decided) if len(new) <= 2_000_000 else decided
     hit = F.col("reason").isNull() & F.col("_split").isNotNull()
@@ -341,6 +326,61 @@ def with_near_duplicates(df: "DataFrame", *, policy: str, distance: int, max_gro
         .select(*df.columns, "near_dup_group", "near_dup_size", "near_dup_oversized")
     )
     return NearDuplicates(frame, summary, example_pairs(new, limit=pairs))
+
+
+def _grouped_on_driver(table: Any, *, distance: int, max_group: int) -> List[Dict[str, Any]]:
+    """The rows of ``table`` (``image_id, phash, ...``) whose image is in a group, with its group columns."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    agg = table.group_by("phash").aggregate([("image_id", "count"), ("image_id", "min")])
+    per_hash = pa.table({"phash": agg["phash"], "n": agg["image_id_count"], "first": agg["image_id_min"]})
+    found = _members_on_driver(per_hash, distance=distance, hash_col="phash")
+    if not found:
+        return []
+    where = {h: (g, n) for h, g, n in found}
+    rows = table.filter(pc.is_in(table["phash"], value_set=pa.array(list(where), pa.int64()))).to_pylist()
+    for r in rows:
+        g, n = where[r["phash"]]
+        r.update(near_dup_group=g, near_dup_size=n, near_dup_oversized=n > max_group)
+    return rows
+
+
+def decide(members: Sequence[Mapping[str, Any]], *, policy: str, distance: int) -> List[Dict[str, Any]]:
+    """The policy's decision for each image in a group (rows of ``image_id, split, split_source,
+    source_path`` and the group columns): ``_split`` after it, ``_split_before``, and for
+    ``keep_one`` ``_reason`` / ``_detail`` of the rejected members.
+
+    A group's anchor is its member with the smallest ``image_id`` among those whose split was
+    given (``split_source`` ``folder`` or stored), else among all. Oversized groups and stored
+    rows are never acted on.
+    """
+    from pipeline.imaging.reasons import NEAR_DUPLICATE
+
+    anchor: Dict[str, Tuple[Tuple[bool, str], Mapping[str, Any]]] = {}
+    for r in members:
+        key = (r["split_source"] not in ("folder", STORED), r["image_id"])
+        g = r["near_dup_group"]
+        if g not in anchor or key < anchor[g][0]:
+            anchor[g] = (key, r)
+    out = []
+    for r in members:
+        a = anchor[r["near_dup_group"]][1]
+        acting = not r["near_dup_oversized"] and r["split_source"] != STORED
+        split = r["split"]
+        if policy == "same_split" and acting and (
+                r["split_source"] == "hash" or (r["split_source"] == "carved" and a["split"] in ("train", "val"))):
+            split = a["split"]
+        reject = policy == "keep_one" and acting and r["image_id"] != a["image_id"]
+        out.append({
+            "image_id": r["image_id"], "split_source": r["split_source"], "_split": split,
+            "_split_before": r["split"], "_reason": NEAR_DUPLICATE if reject else None,
+            "_detail": (f"near-duplicate (pHash within Hamming distance {distance}) of {a['source_path']}"
+                        if reject else None),
+            "near_dup_group": r["near_dup_group"], "near_dup_size": int(r["near_dup_size"]),
+            "near_dup_oversized": bool(r["near_dup_oversized"]),
+        })
+    return out
 
 
 def _decided_schema() -> Any:

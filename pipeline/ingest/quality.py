@@ -26,8 +26,13 @@ log = logging.getLogger(__name__)
 THUMB_SIDE = 96
 
 
-def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"]) -> "NearDuplicates":
-    """``ingest.near_duplicates`` applied to ``df``; ``off`` adds the columns without looking for pairs."""
+def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"], *,
+          rows_at_most: Optional[int] = None) -> "NearDuplicates":
+    """``ingest.near_duplicates`` applied to ``df``; ``off`` adds the columns without looking for pairs.
+
+    ``rows_at_most`` bounds the rows of ``df`` plus ``stored`` (files listed plus images stored):
+    at most :data:`pipeline.ingest.near_dups.DRIVER_HASHES_MAX`, the groups are found on the driver.
+    """
     from pyspark.sql import functions as F
 
     from pipeline.ingest.near_dups import NearDuplicates, with_near_duplicates
@@ -41,7 +46,7 @@ def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"]) -> 
                     "for among the new files only (re-ingest with --mode overwrite to cover every image)")
         stored = None
     return with_near_duplicates(df, policy=cfg.near_duplicates, distance=cfg.near_dup_distance,
-                                max_group=cfg.near_dup_max_group, stored=stored)
+                                max_group=cfg.near_dup_max_group, stored=stored, rows_at_most=rows_at_most)
 
 
 def block(cfg: IngestConfig, flags: Mapping[str, Mapping[str, int]], near: Mapping[str, Any],
