@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/near_dups.py            # all three parts
     .venv/bin/python bench/near_dups.py leaks cost scaling   # or some of them
+    .venv/bin/python bench/near_dups.py accuracy             # after make demo
 
 Data: Fashion-MNIST (Debian ``dataset-fashion-mnist``), 70,000 real 28x28 images.
 
@@ -14,10 +15,15 @@ Data: Fashion-MNIST (Debian ``dataset-fashion-mnist``), 70,000 real 28x28 images
   ingest`` process per run, start-up included, alternating ``ingest.near_duplicates: off``
   (hashes and flags still computed) with the default ``same_split`` at the default distance.
   ``ratio`` = median wall time with / without (target <= 1.10).
-* **scaling**: :func:`pipeline.ingest.near_dups.with_near_dup_groups` alone (the self-join,
-  the union-find, the join back) on 20,000, 70,000 and 210,000 hashes, the last two thirds
+* **scaling**: :func:`pipeline.ingest.near_dups.with_near_dup_groups` alone (the pairing,
+  on the driver at these sizes, the union-find, the join back) on 20,000, 70,000 and 210,000 hashes, the last two thirds
   from the real images flipped left-right and shifted by 2 pixels (distinct images), on a
   warm ``local[2]`` session: seconds and microseconds per image at each size.
+
+* **accuracy** (only when named, after ``make demo``): the demo model's test accuracy
+  (``work/demo/scores``, or ``PIXELMILL_WORK``) on all official test images and on the
+  leak-free part of them: the test images without a train or val image within pHash distance
+  ``d`` (the stored ``phash`` column of ``work/demo/ingest``), for ``d`` = 0..6.
 
 Ends with one JSON line (``ratio`` and the figures).
 """
@@ -149,20 +155,51 @@ def scaling(spark) -> Dict[str, Any]:
     return out
 
 
+def accuracy(spark) -> Dict[str, Any]:
+    from pyspark.sql import functions as F
+
+    from pipeline.ingest.near_dups import hash_pairs
+
+    work = Path(os.environ.get("PIXELMILL_WORK", REPO / "work" / "demo"))
+    images = spark.read.parquet(str(work / "ingest" / "images")).select("image_id", "split", "phash")
+    preds = spark.read.parquet(str(work / "scores" / "predictions")).select("image_id", "label", "pred_label")
+    pairs = hash_pairs(images.select("phash").distinct(), distance=MAX_DISTANCE)
+    both = pairs.select("a", "b", "distance").unionByName(
+        pairs.select(F.col("b").alias("a"), F.col("a").alias("b"), "distance"))
+    seen = images.filter(F.col("split") != "test").select(F.col("phash").alias("b")).distinct()
+    nearest = (both.join(seen, "b").groupBy("a").agg(F.min("distance").alias("d"))
+               .unionByName(seen.select(F.col("b").alias("a"), F.lit(0).alias("d")))
+               .groupBy("a").agg(F.min("d").alias("d")))
+    test = (images.filter(F.col("split") == "test").join(preds, "image_id")
+            .join(nearest, images["phash"] == nearest["a"], "left")
+            .select((F.col("label") == F.col("pred_label")).cast("int").alias("ok"), "d").collect())
+    out: Dict[str, Any] = {"test_scored": len(test),
+                           "test_accuracy": round(sum(r["ok"] for r in test) / len(test), 4)}
+    for d in range(MAX_DISTANCE + 1):
+        clean = [r["ok"] for r in test if r["d"] is None or r["d"] > d]
+        out[f"leak_free_test_images_d{d}"] = len(clean)
+        out[f"leak_free_test_accuracy_d{d}"] = round(sum(clean) / len(clean), 4) if clean else None
+        leaked = [r["ok"] for r in test if r["d"] is not None and r["d"] <= d]
+        out[f"leaked_test_accuracy_d{d}"] = round(sum(leaked) / len(leaked), 4) if leaked else None
+    return out
+
+
 def main(argv: List[str]) -> int:
     parts = argv or ["leaks", "cost", "scaling"]
     result: Dict[str, Any] = {"bench": "near_dups", "load_avg_1m": round(os.getloadavg()[0], 2)}
     if "cost" in parts:  # first: cold processes, no session of ours alive
         result.update(cost())
-    if "leaks" in parts or "scaling" in parts:
+    if {"leaks", "scaling", "accuracy"} & set(parts):
         spark = _session()
+        if "accuracy" in parts:
+            result.update(accuracy(spark))
         if "leaks" in parts:
             result.update(leaks(spark))
         if "scaling" in parts:
             result.update(scaling(spark))
         spark.stop()
     result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(result))
+    print("\n" + json.dumps(result))  # after any progress bar on the same line
     return 0
 
 
