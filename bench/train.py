@@ -75,7 +75,7 @@ def _prepare(spark: Any) -> str:
 
 LARGE_CACHE = REPO / "bench" / ".cache" / "train-large"
 LARGE_QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-LARGE_LIMIT = 200 if LARGE_QUICK else 4000
+LARGE_LIMIT = 200 if LARGE_QUICK else int(os.environ.get("BENCH_LARGE_LIMIT", "4000"))
 #: Images per update over both processes (half per process at num_proc=2). Every update pays
 #: per-rank costs that do not shrink with more ranks (the allreduce of ~94 MB of float32
 #: gradients, Adam's pass over 23.5M parameters, ~0.1 s and ~0.05-0.07 s on one core here),

@@ -17,7 +17,9 @@ PNGs under ``bench/.cache/transfer/`` and ingested by ``pipeline.ingest`` at 28x
 
 The last line is one JSON object; ``ratio`` = fine-tuned / from-scratch test accuracy at 20
 images per class. ``BENCH_QUICK=1`` runs a small version (fewer images and epochs, 20 per class
-only) that proves the script works; its line says ``"quick": true``.
+only) that proves the script works; its line says ``"quick": true``. For sweeps:
+``BENCH_PER_CLASS`` (e.g. ``20``), ``BENCH_FREEZE_EPOCHS`` and ``BENCH_BACKBONE_LR_MULTIPLIER``
+override the schedule's defaults; the JSON line records the values used.
 """
 from __future__ import annotations
 
@@ -35,12 +37,12 @@ QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 CACHE = REPO / "bench" / ".cache" / ("transfer-quick" if QUICK else "transfer")
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)   # t-shirt_top, trouser, pullover, dress, coat
 TARGET_CLASSES = (5, 6, 7, 8, 9)     # sandal, shirt, sneaker, bag, ankle_boot
-PER_CLASS = (20,) if QUICK else (20, 50, 100)
+PER_CLASS = (20,) if QUICK else tuple(int(n) for n in os.environ.get("BENCH_PER_CLASS", "20,50,100").split(","))
 PRETRAIN_LIMIT = 300 if QUICK else None   # train images per pretraining class (None = all 6,000)
 PRETRAIN_EPOCHS = 1 if QUICK else 4
 EPOCHS = 2 if QUICK else 20               # fine-tuned and from scratch alike
-FREEZE_EPOCHS = 1 if QUICK else 5
-BACKBONE_LR_MULTIPLIER = 0.1
+FREEZE_EPOCHS = 1 if QUICK else int(os.environ.get("BENCH_FREEZE_EPOCHS", "5"))
+BACKBONE_LR_MULTIPLIER = float(os.environ.get("BENCH_BACKBONE_LR_MULTIPLIER", "0.1"))
 TEST_LIMIT = 500 if QUICK else None       # test images of the five target classes (None = all 5,000)
 SMALL_BATCH = 16                          # per process, for the few-label runs
 
