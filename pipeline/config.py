@@ -36,7 +36,8 @@ class SparkConfig(_Section):
     """How the SparkSession is built (see :mod:`pipeline.spark`)."""
 
     #: Master URL; ignored when spark-submit already set one. ``null`` = require spark-submit's.
-    master: Optional[str] = "local[2]"
+    #: The default uses every core and retries a failed task up to 4 times (``local[N]`` never retries).
+    master: Optional[str] = "local[*,4]"
     app_name: str = "pixelmill"
     log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "OFF"] = "WARN"
     ui_enabled: bool = True

@@ -431,18 +431,22 @@ def test_cli_bad_flag_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("fault", ["ingest.batch:raise:once", "ingest.batch:kill:once"])
-def test_spark_retries_a_failed_batch_and_output_equals_a_clean_run(fault, corpus, corpus_run, tmp_path):
-    """A real spark job (local[2,4]: 4 attempts per task) with one batch failing or its worker SIGKILLed."""
+@pytest.mark.parametrize("fault,configs", [("ingest.batch:raise:once", ["local.yaml"]),
+                                           ("ingest.batch:kill:once", ["local.yaml"]),
+                                           ("ingest.batch:kill:once", [])])
+def test_spark_retries_a_failed_batch_and_output_equals_a_clean_run(fault, configs, corpus, corpus_run, tmp_path):
+    """A real spark job on the default master (conf/local.yaml's, or the base config's when no overlay
+    is given) with one batch failing or its worker SIGKILLed: the default retries it."""
     root, _ = corpus
     clean_out, _ = corpus_run
     out = tmp_path / "out"
     marker = tmp_path / "marker"
     env = {**os.environ, faults.ENV: fault, faults.MARKER_ENV: str(marker)}
-    sets = [*SPARK_TEST, "spark.master=local[2,4]", "spark.conf.spark.driver.memory=1g",
-            *CORPUS_OVERRIDES, "ingest.batch_rows=8"]
+    sets = [*SPARK_TEST, "spark.conf.spark.driver.memory=1g", *CORPUS_OVERRIDES, "ingest.batch_rows=8"]
     cmd = [sys.executable, "-m", "pipeline", "ingest", "--input", str(root), "--output", str(out),
-           "--config", "local.yaml", "--log-level", "WARNING"]
+           "--log-level", "WARNING"]
+    for c in configs:
+        cmd += ["--config", c]
     for s in sets:
         cmd += ["--set", s]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540)

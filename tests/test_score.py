@@ -375,15 +375,16 @@ def test_existing_output_is_refused_unless_overwrite(spark, cfg, data, model_dir
 
 
 def _set_fault(spark, value: Optional[str]) -> None:
-    # '<action>:<partition>': that partition's first attempt fails after its first output batch.
-    # score.run reads the variable on the driver (in this process) when it plans the tasks.
+    # '<action>:<partition>': every attempt of that partition fails after its first output batch (the
+    # session retries a failed task, as local.yaml's master does). score.run reads the variable on
+    # the driver (in this process) when it plans the tasks.
     from pipeline import faults
 
     if value is None:
         os.environ.pop(faults.ENV, None)
         return
     action, _, partition = value.partition(":")
-    os.environ[faults.ENV] = f"score.batch:{action}:partition={partition}:attempt=0"
+    os.environ[faults.ENV] = f"score.batch:{action}:partition={partition}"
 
 
 def test_interrupted_run_then_rerun_has_no_duplicates_and_no_missing_rows(spark, cfg, data, model_dir, scored_all,
