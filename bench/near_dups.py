@@ -123,7 +123,9 @@ def cost() -> Dict[str, Any]:
     for _ in range(REPEATS):
         for policy in ("off", "same_split"):
             walls[policy].append(round(_ingest_once(src, out, policy), 2))
-    manifest = json.loads((out / "_manifest.json").read_text())  # the last run: same_split
+    from pipeline.contracts import read_manifest
+
+    manifest = read_manifest(out.as_uri())  # the last run: same_split
     near = manifest["quality"]["near_duplicates"]
     off, on = statistics.median(walls["off"]), statistics.median(walls["same_split"])
     return {"ratio": round(on / off, 3), "ingest_off_s": walls["off"], "ingest_same_split_s": walls["same_split"],
@@ -158,11 +160,13 @@ def scaling(spark) -> Dict[str, Any]:
 def accuracy(spark) -> Dict[str, Any]:
     from pyspark.sql import functions as F
 
+    from pipeline.commit import version_root
     from pipeline.ingest.near_dups import hash_pairs
 
     work = Path(os.environ.get("PIXELMILL_WORK", REPO / "work" / "demo"))
-    images = spark.read.parquet(str(work / "ingest" / "images")).select("image_id", "split", "phash")
-    preds = spark.read.parquet(str(work / "scores" / "predictions")).select("image_id", "label", "pred_label")
+    images = spark.read.parquet(version_root(str(work / "ingest")) + "/images").select("image_id", "split", "phash")
+    preds = spark.read.parquet(version_root(str(work / "scores")) + "/predictions").select(
+        "image_id", "label", "pred_label")
     pairs = hash_pairs(images.select("phash").distinct(), distance=MAX_DISTANCE)
     both = pairs.select("a", "b", "distance").unionByName(
         pairs.select(F.col("b").alias("a"), F.col("a").alias("b"), "distance"))

@@ -192,7 +192,7 @@ def prepare_scoring(fashion: Dataset, env: Dict[str, str]) -> Dict[str, Any]:
     """An ingest output of the fashion data and a 1-epoch model trained on it (made once)."""
     root = WORK / f"score-{fashion.files}"
     data, model = root / "ingest", root / "model"
-    if not (data / "_manifest.json").is_file():
+    if not (data / "_snapshots").is_dir():
         print(f"preparing the scoring data: ingest of {fashion.files} fashion images into {data}", flush=True)
         shutil.rmtree(data, ignore_errors=True)
         run_logged([PROJECT_PY, "-m", "pipeline", "ingest", "--input", str(fashion.root), "--output", str(data),
@@ -203,7 +203,7 @@ def prepare_scoring(fashion: Dataset, env: Dict[str, str]) -> Dict[str, Any]:
         run_logged([PROJECT_PY, "-m", "pipeline", "train", "--data", str(data), "--model-dir", str(model),
                     "--config", "conf/local.yaml", "--config", "conf/fashion_mnist.yaml", "--epochs", "1",
                     "--mode", "overwrite", *_sets(SPARK_SETS)], env, root / "train.log")
-    manifest = json.loads((data / "_manifest.json").read_text())
+    manifest = json.loads((pixelmill_dir(data) / "_manifest.json").read_text())
     return {"data": data, "model": model, "rows": int(manifest["accepted"])}
 
 
@@ -212,6 +212,14 @@ def _sets(overrides: Sequence[str]) -> List[str]:
 
 
 # --- reading the outputs back ------------------------------------------------------------------
+
+def pixelmill_dir(out: Path) -> Path:
+    """The folder of a pixelmill output's newest committed version (its newest snapshot names it)."""
+    snaps = sorted((out / "_snapshots").glob("[0-9]*.json"))
+    if not snaps:
+        raise SystemExit(f"bench/peers: {out} holds no committed pixelmill version")
+    return out / json.loads(snaps[-1].read_text())["info"]["root"]
+
 
 def parquet_files(root: Path) -> List[Path]:
     return sorted(p for p in root.rglob("*.parquet")
@@ -284,7 +292,7 @@ def run_ingest(tool: str, job: Any, ds: Dataset, rep: int) -> Tuple[float, Optio
     rejected = sum(s["rejected"].values())
     if s["accepted"] + rejected != ds.files:
         raise SystemExit(f"bench/peers: {tool} accounted for {s['accepted']} + {rejected} of {ds.files} files")
-    check_images(out / "images", s["accepted"], ds, tool)
+    check_images(pixelmill_dir(out) / "images", s["accepted"], ds, tool)
     return secs, float(s["timings"]["total_s"])
 
 
@@ -305,7 +313,7 @@ def compare_images(peer_out: Path, pixelmill_out: Path, sample: int = 64) -> Dic
     ids = pa.array(first.column("image_id").to_pylist(), pa.string())
     theirs = dict(zip(ids.to_pylist(), first.column("image").to_pylist()))
     ours: Dict[str, bytes] = {}
-    for f in parquet_files(pixelmill_out / "images"):
+    for f in parquet_files(pixelmill_dir(pixelmill_out) / "images"):
         t = pq.read_table(f, columns=["image_id", "image"])
         t = t.filter(pc.is_in(t.column("image_id"), value_set=ids))
         ours.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
@@ -327,10 +335,11 @@ def run_score(tool: str, score: Dict[str, Any], peer_py: Path, rep: int) -> Tupl
         cmd = [PROJECT_PY, "-m", "pipeline", "score", "--data", str(score["data"]), "--model", str(score["model"]),
                "--output", str(out), "--split", "all", "--mode", "overwrite", "--config", "conf/local.yaml",
                *_sets(SPARK_SETS)]
-        secs, where = run_logged(cmd, project_env(), log), out / "predictions"
+        secs = run_logged(cmd, project_env(), log)
+        where = pixelmill_dir(out) / "predictions"
         inner: Optional[float] = float(last_json(log)["timings"]["total_s"])
     else:
-        cmd = [str(peer_py), str(PEER_SCRIPTS / "ray_score.py"), "--data", str(score["data"] / "images"),
+        cmd = [str(peer_py), str(PEER_SCRIPTS / "ray_score.py"), "--data", str(pixelmill_dir(score["data"]) / "images"),
                "--model-dir", str(score["model"]), "--output", str(out), "--cpus", str(CPUS)]
         secs, where, inner = run_logged(cmd, peer_env(), log), out, None
     got = predictions(where)
@@ -376,7 +385,7 @@ def main() -> int:
             print(f"round {rep + 1}: {tool + ' score':<17}{'fashion':<9}{secs:8.1f} s  load {os.getloadavg()[0]:.1f}",
                   flush=True)
         loads.append(os.getloadavg()[0])
-    agree = agreement(predictions(WORK / "out" / "pixelmill-score" / "predictions"), predictions(WORK / "out" / "ray-score"))
+    agree = agreement(predictions(pixelmill_dir(WORK / "out" / "pixelmill-score") / "predictions"), predictions(WORK / "out" / "ray-score"))
     if agree < 0.99:
         raise SystemExit(f"bench/peers: pixelmill and Ray Data predicted the same class for only {agree:.3f} of the images")
     alike = {f"{peer}_{d.name}": compare_images(WORK / "out" / f"{peer}-{d.name}", WORK / "out" / f"pixelmill-{d.name}")

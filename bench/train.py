@@ -62,13 +62,14 @@ def _config(num_proc: int, extra: tuple = ()) -> Any:
 
 def _prepare(spark: Any) -> str:
     from pipeline import ingest
-    from pipeline.contracts import COMMIT_MARKER
+    from pipeline.commit import is_committed
+    from pipeline.fs import filesystem
     from pipeline.sample_data import export_class_folders
 
     raw = CACHE / "raw"
     out = CACHE / "ingested"
     export_class_folders(raw, limit=LIMIT)
-    if not (out / COMMIT_MARKER).exists():
+    if not is_committed(filesystem(out.as_uri()), out.as_uri()):
         ingest.run(spark, _config(2), input_uri=raw.as_uri(), output_uri=out.as_uri(), mode="overwrite")
     return "file://" + str(out)
 
@@ -139,7 +140,9 @@ def _allreduce_seconds(spark: Any, compressions: Tuple[str, ...]) -> Dict[str, A
 
 def main_large() -> int:
     from pipeline import ingest, train
-    from pipeline.contracts import COMMIT_MARKER, read_manifest
+    from pipeline.commit import is_committed
+    from pipeline.contracts import read_manifest
+    from pipeline.fs import filesystem
     from pipeline.sample_data import export_class_folders
     from pipeline.spark import build_session
 
@@ -147,7 +150,7 @@ def main_large() -> int:
     try:
         raw, out = LARGE_CACHE / f"raw-{LARGE_LIMIT}", LARGE_CACHE / f"ingested-{LARGE_LIMIT}"
         export_class_folders(raw, limit=LARGE_LIMIT, splits=("train",))
-        if not (out / COMMIT_MARKER).exists():
+        if not is_committed(filesystem(out.as_uri()), out.as_uri()):
             ingest.run(spark, _large_config(2), input_uri=raw.as_uri(), output_uri=out.as_uri(), mode="overwrite")
         data = out.as_uri()
         runs: Dict[str, Dict[str, Any]] = {}

@@ -80,10 +80,11 @@ def _write_folders(root: Path, images: Any, labels: Any, classes: Sequence[int],
 
 def _ingest(spark: Any, raw: Path, name: str) -> str:
     from pipeline import ingest
-    from pipeline.contracts import COMMIT_MARKER
+    from pipeline.commit import is_committed
+    from pipeline.fs import filesystem
 
     out = CACHE / "ingested" / name
-    if not (out / COMMIT_MARKER).exists():
+    if not is_committed(filesystem(out.as_uri()), out.as_uri()):
         ingest.run(spark, _config(), input_uri=raw.as_uri(), output_uri=out.as_uri(), mode="overwrite")
     return out.as_uri()
 

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 from pydantic import ValidationError
 
 from pipeline.config import Config, format_validation_error
+from pipeline.commit import committed, is_committed
 from pipeline.contracts import (
-    COMMIT_MARKER, METRICS_FILE, IngestManifest, ModelCard, read_manifest, read_model_card,
+    METRICS_FILE, IngestManifest, ModelCard, read_manifest, read_model_card, resolve_ingest, resolve_scores,
 )
 from pipeline.errors import ConfigError, OutputExistsError
 from pipeline.fs import filesystem, join, local_path, to_uri
@@ -126,7 +127,7 @@ def ingest_step(spark: "SparkSession", cfg: Config, *, input_uri: str, out: Layo
 
     t = time.time()
     fs = filesystem(out.ingest, spark)
-    action = REUSED if not fresh and fs.exists(join(out.ingest, COMMIT_MARKER)) else RAN
+    action = REUSED if not fresh and is_committed(fs, out.ingest) else RAN
     if action == RAN:
         ingest.run(spark, cfg, input_uri=input_uri, output_uri=out.ingest, mode="overwrite")
     manifest = read_manifest(out.ingest, fs)
@@ -170,7 +171,7 @@ def score_step(spark: "SparkSession", cfg: Config, *, out: Layout, card: ModelCa
     if done is None:
         done = score.run(spark, cfg, data_uri=out.ingest, model_uri=out.model, output_uri=out.scores, split=split,
                          mode="overwrite")
-    metrics_uri = join(out.scores, METRICS_FILE)
+    metrics_uri = join(resolve_scores(out.scores, fs).root, METRICS_FILE)
     metrics = fs.read_json(metrics_uri) if fs.exists(metrics_uri) else None
     accuracy = None if metrics is None else metrics.get("accuracy")
     figures = {"action": action, "seconds": _since(t), "images": done.get("rows"),
@@ -209,7 +210,7 @@ def summary_table(out: Layout, stages: Mapping[str, Mapping[str, Any]]) -> str:
     from pipeline import report
 
     fs = filesystem(out.scores)
-    metrics_uri = join(out.scores, METRICS_FILE)
+    metrics_uri = join(resolve_scores(out.scores, fs).root, METRICS_FILE)
     metrics = fs.read_json(metrics_uri) if fs.exists(metrics_uri) else {}
     return report.summary_table(read_manifest(out.ingest), read_model_card(filesystem(out.model), out.model),
                                 metrics, stages)
@@ -240,17 +241,13 @@ def _check_same_input(manifest: IngestManifest, input_uri: str, ingest_uri: str)
 
 def _committed_scoring(fs: Any, out: Layout, *, model_id: str, split: str) -> Optional[Dict[str, Any]]:
     """The score summary committed at ``out.scores`` when it scored ``split`` of ``out.ingest`` with ``model_id``."""
-    marker = join(out.scores, COMMIT_MARKER)
-    if not fs.exists(marker):
+    found = committed(fs, out.scores)
+    if found is None:
         return None
-    try:
-        info = fs.read_json(marker)
-    except ValueError:
-        return None
-    if not isinstance(info, dict):
-        return None
+    info = found.info
     same = (info.get("model_id") == model_id and info.get("split") == split
-            and info.get("data_uri") == out.ingest)
+            and info.get("data_uri") == out.ingest
+            and info.get("data_version") == resolve_ingest(out.ingest).version)
     if not same:
         log.info("score: %s was made by model %s on split %s: scoring again with model %s", out.scores,
                  info.get("model_id"), info.get("split"), model_id)

@@ -133,6 +133,9 @@ class IngestConfig(_Section):
     #: A group with more members than this is reported as oversized and left alone (a distance too
     #: loose for the data chains look-alike images together).
     near_dup_max_group: int = Field(64, ge=2)
+    #: Committed versions of the output kept (a reader of one keeps reading it while newer ones
+    #: commit); the writer removes older ones after its commit.
+    retain_versions: int = Field(2, ge=1, le=1000)
 
     @field_validator("near_duplicates", mode="before")
     @classmethod
@@ -295,6 +298,8 @@ class ScoreConfig(_Section):
     inter_op_threads: int = Field(1, ge=0, le=256)
     #: Input tasks per task slot (the files split along row groups, no shuffle); >1 evens out slow tasks.
     tasks_per_slot: int = Field(2, ge=1, le=64)
+    #: Committed versions of the predictions kept; the writer removes older ones after its commit.
+    retain_versions: int = Field(2, ge=1, le=1000)
 
 
 class TrackingConfig(_Section):

@@ -25,6 +25,8 @@ from pipeline.fs import FileSystem, filesystem, join, parent_and_name, to_uri
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
+    from pipeline.commit import Committed
+
 # --- the output layout: every name, once ---------------------------------------------
 
 #: Marker written last into a committed output (see :mod:`pipeline.commit`).
@@ -139,6 +141,8 @@ class ModelCard(_Contract):
     normalization: Dict[str, List[float]]
     created_utc: Optional[str] = None
     ingest_manifest_sha256: Optional[str] = None
+    #: The ingest version trained on: ``uri``, ``version`` (null for the earlier layout), ``root``, ``manifest_sha256``.
+    data_snapshot: Optional[Dict[str, Any]] = None
     epochs_completed: Optional[int] = None
     metrics: Dict[str, Any] = Field(default_factory=dict)
     stack: Dict[str, Any] = Field(default_factory=dict)
@@ -153,22 +157,49 @@ def _first_error(err: ValidationError) -> str:
 
 # --- the ingest manifest ------------------------------------------------------------------
 
+def resolve_ingest(data_uri: str, fs: Optional[FileSystem] = None, *, spark: Optional["SparkSession"] = None,
+                   version: Optional[int] = None) -> "Committed":
+    """The committed version of the ingest output ``data_uri`` (newest, or ``version``).
+
+    Raises :class:`DataError` naming what to run when ``data_uri`` does not exist or holds no
+    committed version (a crashed or running ingest). Readers resolve once and read
+    :attr:`~pipeline.commit.Committed.root` from then on, so one run reads one version.
+    """
+    from pipeline.commit import resolve
+
+    data_uri = to_uri(data_uri)
+    fs = fs or filesystem(data_uri, spark)
+    return resolve(fs, data_uri, version,
+                   missing=f"ingest output {data_uri} does not exist: run ingest first, or pass the ingest --output URI",
+                   uncommitted=f"{data_uri} is not a committed ingest output (no snapshot and no {COMMIT_MARKER}): "
+                   "re-run ingest (a crashed or running ingest commits nothing)")
+
+
+def resolve_scores(score_uri: str, fs: Optional[FileSystem] = None) -> "Committed":
+    """The newest committed version of a score output (see :func:`resolve_ingest`)."""
+    from pipeline.commit import resolve
+
+    score_uri = to_uri(score_uri)
+    fs = fs or filesystem(score_uri)
+    return resolve(fs, score_uri,
+                   missing=f"score output {score_uri} does not exist: run score first, or pass the score --output URI",
+                   uncommitted=f"{score_uri} is not a committed score output: re-run score (a crashed or running "
+                   "scoring commits nothing)")
+
+
 def read_manifest(data_uri: str, fs: Optional[FileSystem] = None, *,
                   spark: Optional["SparkSession"] = None) -> IngestManifest:
-    """The manifest of a committed ingest output, with every check done once.
+    """The manifest of the newest committed version of an ingest output, with every check done once.
 
-    Raises :class:`DataError` naming what to run when ``data_uri`` does not exist, is not
-    committed (a crashed or running ingest), has no or an unreadable manifest, or one of
-    another version or shape.
+    ``data_uri`` is the output or a version folder :func:`resolve_ingest` returned. Raises
+    :class:`DataError` naming what to run when ``data_uri`` does not exist, is not committed
+    (a crashed or running ingest), has no or an unreadable manifest, or one of another
+    version or shape.
     """
     data_uri = to_uri(data_uri)
     fs = fs or filesystem(data_uri, spark)
-    if not fs.exists(data_uri):
-        raise DataError(f"ingest output {data_uri} does not exist: run ingest first, or pass the ingest --output URI")
-    if not fs.exists(join(data_uri, COMMIT_MARKER)):
-        raise DataError(f"{data_uri} is not a committed ingest output (no {COMMIT_MARKER}): "
-                        "re-run ingest (a crashed or running ingest leaves no marker)")
-    path = join(data_uri, MANIFEST)
+    root = resolve_ingest(data_uri, fs).root
+    path = join(root, MANIFEST)
     raw = _read_json_object(fs, path, missing=f"{data_uri} has no {MANIFEST}: it was not written by pixelmill "
                             "ingest (re-run ingest)", fix="re-run ingest")
     return parse_manifest(raw, path)
@@ -213,7 +244,7 @@ def write_manifest(fs: FileSystem, out_uri: str, manifest: Mapping[str, Any]) ->
 def manifest_sha256(data_uri: str, fs: Optional[FileSystem] = None) -> str:
     """sha256 of the manifest's bytes: what a model card records as ``ingest_manifest_sha256``."""
     fs = fs or filesystem(data_uri)
-    return hashlib.sha256(fs.read_bytes(join(to_uri(data_uri), MANIFEST))).hexdigest()
+    return hashlib.sha256(fs.read_bytes(join(resolve_ingest(data_uri, fs).root, MANIFEST))).hexdigest()
 
 
 # --- the model card -------------------------------------------------------------------------

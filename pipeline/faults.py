@@ -12,7 +12,8 @@ so it reaches executors on any master. Each injection point is one line::
 
 Points: ``ingest.batch`` (one Arrow batch of the ingest's per-image step),
 ``score.batch`` (after a scoring task's first output batch; context ``partition``,
-``attempt``), ``train.step`` (context ``rank``, ``epoch``, ``step``).
+``attempt``), ``train.step`` (context ``rank``, ``epoch``, ``step``), ``commit`` (on the driver, at
+each step of a versioned commit, context ``step``: see :meth:`pipeline.snapshots.VersionWriter.commit`).
 Actions: ``raise`` (RuntimeError), ``kill`` (SIGKILL of the process), ``exit``
 (``os._exit(17)``), ``hang`` (alive but silent), ``drop_row`` (the caller drops one row).
 ``once`` fires the first time only, across processes: the firing process creates the
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 ENV = "PIXELMILL_FAULT_INJECT"
 MARKER_ENV = "PIXELMILL_FAULT_MARKER"
 #: The injection points, each with what it interrupts (named in the injected error).
-_WHAT = {"ingest.batch": "ingest", "score.batch": "scoring", "train.step": "training"}
+_WHAT = {"ingest.batch": "ingest", "score.batch": "scoring", "train.step": "training", "commit": "the commit"}
 POINTS = tuple(_WHAT)
 ACTIONS = ("raise", "kill", "exit", "hang", "drop_row")
 

@@ -265,10 +265,19 @@ class ArrowFS(FileSystem):
 
     def create_exclusive(self, uri: str, data: bytes) -> None:
         path = local_path(_arrow_uri(uri))
-        if path is not None:  # O_EXCL: the OS decides the race
+        if path is not None:
+            # Written whole under a temporary name, then hard-linked: link() fails when the name
+            # exists (the OS decides the race) and a reader never sees a half-written file.
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "xb") as f:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "xb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
             return
         if self.exists(uri):  # pragma: no cover - needs a remote store
             raise FileExistsError(uri)
@@ -279,10 +288,13 @@ class ArrowFS(FileSystem):
 
     def delete(self, uri: str) -> None:
         info = self._info(uri)
-        if info.type == self._pafs.FileType.Directory:
-            self.fs.delete_dir(self._p(uri))
-        elif info.type != self._pafs.FileType.NotFound:
-            self.fs.delete_file(self._p(uri))
+        try:
+            if info.type == self._pafs.FileType.Directory:
+                self.fs.delete_dir(self._p(uri))
+            elif info.type != self._pafs.FileType.NotFound:
+                self.fs.delete_file(self._p(uri))
+        except FileNotFoundError:  # deleted meanwhile by another process (e.g. a writer tidying up)
+            pass
 
     def rename(self, src: str, dst: str) -> None:
         self.fs.move(self._p(src), self._p(dst))

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional, Tuple
 
 from pipeline.contracts import (
-    CONFUSION_PNG, CURVES_PNG, HISTORY_CSV, METRICS_FILE, read_manifest, read_model_card,
+    CONFUSION_PNG, CURVES_PNG, HISTORY_CSV, METRICS_FILE, read_manifest, read_model_card, resolve_ingest,
+    resolve_scores,
 )
 from pipeline.fs import FileSystem, filesystem, join, to_uri
 from pipeline.quality_report import IMAGES_CHECK, read_examples, section as quality_section
@@ -114,9 +115,11 @@ def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir:
     """Write ``out_dir/index.html`` (+ PNGs next to it); returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_uri, score_uri = to_uri(str(model_dir)), to_uri(str(score_dir))
+    model_uri = to_uri(str(model_dir))
+    score_uri = resolve_scores(to_uri(str(score_dir))).root  # the version folders these stages committed
+    ingest_root = resolve_ingest(to_uri(str(ingest_dir))).root
     model_fs, score_fs = filesystem(model_uri), filesystem(score_uri)
-    manifest = read_manifest(to_uri(str(ingest_dir)))
+    manifest = read_manifest(ingest_root)
     model_meta = read_model_card(model_fs, model_uri)
     metrics = score_fs.read_json(join(score_uri, METRICS_FILE))
 
@@ -154,7 +157,7 @@ def write_report(out_dir: Path, *, ingest_dir: Path, model_dir: Path, score_dir:
     ]
     if "class_balance.png" in images:
         parts.append("<img src='class_balance.png' alt='class balance'>")
-    parts.append(quality_section(manifest, read_examples(str(ingest_dir)), out_dir))
+    parts.append(quality_section(manifest, read_examples(ingest_root), out_dir))
     parts.append("<h2>Training</h2>")
     if CURVES_PNG in images:
         parts.append(f"<img src='{CURVES_PNG}' alt='training curves'>")

@@ -23,12 +23,14 @@ files are unreferenced, after it they are complete (they were all written first)
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
+from pipeline import faults
 from pipeline.errors import DataError, PixelmillError
 from pipeline.fs import FileSystem, join
 
@@ -101,14 +103,34 @@ class VersionedOutput:
         self.root = root.rstrip("/")
 
     # --- reading -----------------------------------------------------------------
-    def versions(self) -> List[int]:
-        """Committed versions, oldest first."""
+    def _numbers(self) -> List[int]:
+        """Every snapshot file's version number, readable or not, oldest first."""
         out = []
         for e in self.fs.entries(join(self.root, SNAPSHOTS_DIR)):
             m = _SNAPSHOT_RE.match(e.name)
             if m and not e.is_dir:
                 out.append(int(m.group(1)))
         return sorted(out)
+
+    def _read(self, version: int) -> Snapshot:
+        uri = join(self.root, SNAPSHOTS_DIR, f"{_vname(version)}.json")
+        try:
+            return Snapshot.from_json(json.loads(self.fs.read_bytes(uri)), uri)
+        except ValueError as e:
+            raise DataError(f"{uri} is not valid JSON ({e}): the output was modified by another tool") from None
+
+    def _readable(self, version: int) -> bool:
+        """False for a snapshot a writer died creating (empty or cut short on a store without atomic creates)."""
+        try:
+            self._read(version)
+            return True
+        except DataError as e:
+            log.warning("ignoring snapshot %d of %s: %s", version, self.root, e)
+            return False
+
+    def versions(self) -> List[int]:
+        """Committed versions, oldest first (a snapshot file that does not parse is not a commit)."""
+        return [v for v in self._numbers() if self._readable(v)]
 
     def snapshot(self, version: Optional[int] = None) -> Optional[Snapshot]:
         """The snapshot of ``version`` (default: the newest); None when nothing is committed."""
@@ -122,48 +144,66 @@ class VersionedOutput:
         elif version not in versions:
             raise DataError(f"{self.root} has no version {version} (committed: {', '.join(map(str, versions))}): "
                             "pass one of those to --version")
-        uri = join(self.root, SNAPSHOTS_DIR, f"{_vname(version)}.json")
-        try:
-            return Snapshot.from_json(self.fs.read_json(uri), uri)
-        except ValueError as e:
-            raise DataError(f"{uri} is not valid JSON ({e}): the output was modified by another tool") from None
+        return self._read(version)
 
     # --- writing -------------------------------------------------------------------
     def begin(self) -> "VersionWriter":
         """A writer of the next version, with its own never-reused data folder."""
-        latest = self.versions()
+        latest, numbers = self.versions(), self._numbers()
         parent = latest[-1] if latest else None
-        version = (parent or 0) + 1
+        version = (numbers[-1] if numbers else 0) + 1  # never reuse a number, even an unreadable one
         folder = join(VERSIONS_DIR, f"{_vname(version)}-{uuid.uuid4().hex[:12]}")
         return VersionWriter(self, version, parent, folder)
 
-    def prune(self, retain: int, *, keep_folder: Optional[str] = None) -> List[str]:
+    def prune(self, retain: int, *, keep_folder: Optional[str] = None,
+              fault: Optional[faults.FaultPlan] = None) -> List[str]:
         """Delete snapshots beyond the newest ``retain`` and every data folder no retained snapshot lists.
 
-        Unlisted data folders of the newest version or newer may belong to writers still running: kept
-        until a later commit.
+        Unlisted data folders numbered above the newest version may belong to writers still running:
+        kept. Those numbered at or below it can never be committed (that number is taken) and go. An output of the earlier layout (files at the root, marked
+        ``_PIXELMILL_COMMITTED``) counts as the oldest version: its files go once ``retain``
+        snapshots exist, the marker first, so a half-deleted old layout never reads as committed.
         """
         versions = self.versions()
         if not versions:
             return []
         newest = versions[-1]
+        removed: List[str] = []
+        if len(versions) >= retain:
+            removed += self._remove_legacy()
         retained = versions[-max(1, retain):]
         referenced: Set[str] = set()
         for v in retained:
             snap = self.snapshot(v)
             referenced.update(f.path.split("/")[1] for f in snap.files if f.path.startswith(VERSIONS_DIR + "/"))
-        removed = []
+        # Snapshots first: a crash mid-prune leaves unlisted folders (debris), never a snapshot
+        # naming deleted files.
+        for v in [n for n in self._numbers() if n < retained[0]]:
+            self.fs.delete(join(self.root, SNAPSHOTS_DIR, f"{_vname(v)}.json"))
+            faults.fire(fault, "commit", step=3)
         for e in self.fs.entries(join(self.root, VERSIONS_DIR)):
             m = _DATA_RE.match(e.name)
-            if not m or e.name in referenced or e.name == keep_folder or int(m.group(1)) >= newest:
+            if not m or e.name in referenced or e.name == keep_folder or int(m.group(1)) > newest:
                 continue
             self.fs.delete(e.uri)
             removed.append(e.uri)
-        for v in versions[:-max(1, retain)]:
-            self.fs.delete(join(self.root, SNAPSHOTS_DIR, f"{_vname(v)}.json"))
         if removed:
             log.info("removed %d data folder(s) no retained snapshot of %s lists", len(removed), self.root)
         return removed
+
+    def _remove_legacy(self) -> List[str]:
+        """The files of the earlier, unversioned layout at the root (see :meth:`prune`)."""
+        from pipeline.contracts import COMMIT_MARKER
+
+        marker = join(self.root, COMMIT_MARKER)
+        rest = [e for e in self.fs.entries(self.root) if e.name not in (VERSIONS_DIR, SNAPSHOTS_DIR, COMMIT_MARKER)]
+        if not self.fs.exists(marker) and not rest:
+            return []
+        self.fs.delete(marker)
+        for e in rest:
+            self.fs.delete(e.uri)
+        log.info("removed the earlier layout's files at %s (migrated to versions)", self.root)
+        return [marker, *(e.uri for e in rest)]
 
 
 @dataclass
@@ -187,13 +227,16 @@ class VersionWriter:
         return uri[len(root):]
 
     def commit(self, files: Sequence[DataFile], *, info: Optional[Mapping[str, Any]] = None,
-               retain: int = 2) -> Snapshot:
-        """Create the snapshot (the commit), then prune versions beyond ``retain``."""
+               retain: int = 2, fault: Optional[faults.FaultPlan] = None) -> Snapshot:
+        """Create the snapshot (the commit), then prune versions beyond ``retain``.
+
+        Fault-injection steps (point ``commit``): 1 = data written, snapshot not created;
+        2 = snapshot created, nothing pruned; 3 = after each snapshot file the prune deletes.
+        """
         snap = Snapshot(self.version, tuple(files), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         self.parent, dict(info or {}))
         uri = join(self.output.root, SNAPSHOTS_DIR, f"{_vname(self.version)}.json")
-        import json
-
+        faults.fire(fault, "commit", step=1)
         try:
             self.output.fs.create_exclusive(uri, (json.dumps(snap.to_json(), indent=2, sort_keys=True) + "\n").encode())
         except FileExistsError:
@@ -201,7 +244,8 @@ class VersionWriter:
                 f"another writer committed version {self.version} of {self.output.root} first: nothing of this run "
                 "was committed; rerun to write the next version") from None
         log.info("committed version %d of %s (%d files)", self.version, self.output.root, len(snap.files))
-        self.output.prune(retain, keep_folder=None)
+        faults.fire(fault, "commit", step=2)
+        self.output.prune(retain, fault=fault)
         return snap
 
     def abort(self) -> None:

@@ -380,7 +380,8 @@ def training_params(spec: Mapping[str, Any], cfg: "Config") -> Dict[str, Any]:
 
     params = flatten(cfg.to_dict())
     params.update({f"stack.{k}": v for k, v in stack_versions().items()})
-    params.update({"data.uri": spec.get("data_uri"), "data.ingest_manifest_sha256": spec.get("manifest_sha256"),
+    params.update({"data.uri": (spec.get("data") or {}).get("uri", spec.get("data_uri")),
+                   "data.version": (spec.get("data") or {}).get("version"), "data.ingest_manifest_sha256": spec.get("manifest_sha256"),
                    "model_dir": spec.get("model_dir"), "num_proc": spec.get("num_proc")})
     balance = spec.get("class_balance") or {}
     if balance.get("weights"):

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import SAMPLE_INGEST_OVERRIDES
+from outputs import version_dir
 from pipeline import cli
 from pipeline import orchestration as orch
 
@@ -448,16 +449,15 @@ def test_dag_runs_ingest_train_score_on_local_spark(airflow_home, raw_sample, tm
     key = run_key_of(out["run_after"])
     ingest, model, preds = runs / "ingest" / f"run={key}", runs / "models" / f"run={key}", runs / "predictions" / f"run={key}"
     assert sorted(p.name for p in runs.iterdir()) == ["ingest", "models", "predictions"]
-    manifest = json.loads((ingest / "_manifest.json").read_text())
-    assert (ingest / "_PIXELMILL_COMMITTED").is_file()
+    manifest = json.loads((version_dir(ingest) / "_manifest.json").read_text())
     assert manifest["accepted"] == 144 and manifest["files_seen"] == 144
     model_json = json.loads((model / "model.json").read_text())
     assert (model / "model" / "model.keras").is_file()
     assert model_json["epochs_completed"] == 1
     assert sorted(model_json["classes"]) == ["diagonal", "horizontal", "vertical"]
-    assert (preds / "_PIXELMILL_COMMITTED").is_file()
+    assert (version_dir(preds) / "_metrics.json").is_file()
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(preds / "predictions"))
+    table = pq.read_table(str(version_dir(preds) / "predictions"))
     assert table.num_rows == manifest["splits"]["test"]
     assert set(table.column("model_id").to_pylist()) == {model_json["model_id"]}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from outputs import version_dir
 from pipeline.errors import ConfigError
 from pipeline.train.class_weights import balanced_weights, resolve
 
@@ -111,7 +112,7 @@ def test_balanced_class_weight_raises_the_minority_recall(spark, test_config, tm
         scored = score.run(spark, run_cfg, data_uri=data, model_uri="file://" + str(model_dir),
                            output_uri="file://" + str(tmp_path / f"scores-{weighting}"), split="test",
                            mode="overwrite")
-        metrics = json.loads((tmp_path / f"scores-{weighting}" / "_metrics.json").read_text())
+        metrics = json.loads((version_dir(tmp_path / f"scores-{weighting}") / "_metrics.json").read_text())
         recalls[weighting] = {c: metrics["per_class"][c]["recall"] for c in CLASSES}
         recalls[weighting]["accuracy"] = scored["metrics"]["accuracy"]
         cards[weighting] = json.loads((model_dir / "model.json").read_text())
@@ -125,7 +126,7 @@ def test_balanced_class_weight_raises_the_minority_recall(spark, test_config, tm
     balance = cards["balanced"]["class_balance"]
     train_counts = balance["train_counts"]
     assert set(train_counts) == set(CLASSES)
-    manifest = json.loads((tmp_path / "ingest" / "_manifest.json").read_text())
+    manifest = json.loads((version_dir(tmp_path / "ingest") / "_manifest.json").read_text())
     assert sum(train_counts.values()) == manifest["splits"]["train"]
     assert train_counts[MINORITY] / sum(train_counts.values()) == pytest.approx(0.05, abs=0.01)
     assert balance["class_weight"] == "balanced"

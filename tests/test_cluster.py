@@ -19,6 +19,7 @@ from typing import List
 import numpy as np
 import pytest
 
+from outputs import version_dir
 from cluster import ClusterError, spark_submit, standalone_cluster
 from conftest import SAMPLE_INGEST_OVERRIDES
 
@@ -174,13 +175,13 @@ def test_ingest_train_score_on_the_cluster_with_the_packed_env(cluster, packed, 
                                    "--model", f"file://{out}/model", "--output", f"file://{out}/preds",
                                    "--split", "test", *cfg_args], timeout_s=900))
 
-    manifest = json.loads((out / "ingest" / "_manifest.json").read_text())
+    manifest = json.loads((version_dir(out / "ingest") / "_manifest.json").read_text())
     model_json = json.loads((out / "model" / "model.json").read_text())
     assert (out / "model" / "model" / "model.keras").is_file()
-    assert (out / "preds" / "_PIXELMILL_COMMITTED").is_file()
+    assert score["version"] == 1 and score["version_root"] == "file://" + str(version_dir(out / "preds"))
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(out / "preds" / "predictions"))
+    table = pq.read_table(str(version_dir(out / "preds") / "predictions"))
     assert table.num_rows == manifest["splits"]["test"]
     assert set(table.column("model_id").to_pylist()) == {model_json["model_id"]} == {train["model_id"]}
     assert score["rows"] == manifest["splits"]["test"]

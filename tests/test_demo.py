@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from outputs import version_dir
+
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_a_report(repo_root, tmp_path):
@@ -26,7 +28,7 @@ def test_demo_runs_every_stage_and_writes_a_report(repo_root, tmp_path):
     assert stages["score"]["images"] == 300  # the official test split, scored once each
     assert stages["train"]["epochs"] == 1
 
-    manifest = json.loads((work / "ingest" / "_manifest.json").read_text())
+    manifest = json.loads((version_dir(work / "ingest") / "_manifest.json").read_text())
     assert manifest["splits"]["test"] == 300
     assert manifest["splits"]["val"] > 0  # carved from the official train split
     assert manifest["splits"]["train"] + manifest["splits"]["val"] == 300

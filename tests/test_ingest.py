@@ -8,6 +8,7 @@ Python worker is retried by Spark and the output equals a clean run's.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -26,10 +27,13 @@ import pytest
 from PIL import Image
 
 from corpus import CORPUS_OVERRIDES, write_corpus, write_labelled, png_bytes, noise
+from outputs import version_dir
 from pipeline import faults, ingest
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
+from pipeline.commit import committed
 from pipeline.contracts import COMMIT_MARKER, STAGING_PREFIX
+from pipeline.fs import filesystem
 
 SPARK_TEST = ("spark.ui_enabled=false", "spark.log_level=ERROR", "spark.conf.spark.sql.shuffle.partitions=4")
 
@@ -43,16 +47,16 @@ def uri(p: Path) -> str:
 
 
 def images_rows(out: Path) -> List[Dict[str, Any]]:
-    ds = pads.dataset(str(out / "images"), format="parquet", partitioning="hive")
+    ds = pads.dataset(str(version_dir(out) / "images"), format="parquet", partitioning="hive")
     return ds.to_table().to_pylist()
 
 
 def rejects_rows(out: Path) -> List[Dict[str, Any]]:
-    return pads.dataset(str(out / "rejects"), format="parquet").to_table().to_pylist()
+    return pads.dataset(str(version_dir(out) / "rejects"), format="parquet").to_table().to_pylist()
 
 
 def manifest(out: Path) -> Dict[str, Any]:
-    return json.loads((out / "_manifest.json").read_text())
+    return json.loads((version_dir(out) / "_manifest.json").read_text())
 
 
 def rel(source_path: str, root: Path) -> str:
@@ -64,7 +68,7 @@ def rel(source_path: str, root: Path) -> str:
 def ordered_ids(out: Path) -> Dict[str, List[str]]:
     """image_id order per split, reading files in name order: the row order a reader sees."""
     res = {}
-    for d in sorted((out / "images").iterdir()):
+    for d in sorted((version_dir(out) / "images").iterdir()):
         if d.is_dir():
             res[d.name] = [i for f in sorted(d.glob("*.parquet")) for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
     return res
@@ -126,7 +130,11 @@ def test_manifest_reconciles_every_file(corpus, corpus_run):
     assert m["image"] == {"height": 16, "width": 16, "channels": 3, "color_mode": "RGB", "format": "png"}
     assert m["input_uri"] == uri(root) and m["output_uri"] == uri(out)
     assert m["config"]["max_pixels"] == 1_000_000
-    assert (out / COMMIT_MARKER).is_file()
+    snap = committed(filesystem(uri(out)), uri(out))
+    assert snap is not None and snap.version == summary["version"] and snap.root == summary["version_root"]
+    assert {f.kind: 0 for f in snap.files} == {"images": 0, "rejects": 0}
+    assert sum(f.rows for f in snap.files) == m["files_seen"]  # the snapshot's files hold every input file
+    assert not (out / COMMIT_MARKER).exists()
     for k in ("files_seen", "accepted", "rejected", "splits", "classes", "class_counts"):
         assert summary[k] == m[k]
     assert summary["output"] == uri(out) and summary["images_per_second"] > 0
@@ -151,7 +159,7 @@ def test_stored_images_are_exactly_what_training_reads(corpus, corpus_run):
 
 def test_labels_never_form_output_paths(corpus_run):
     out, _ = corpus_run
-    dirs = sorted(p.name for p in (out / "images").iterdir() if p.is_dir())
+    dirs = sorted(p.name for p in (version_dir(out) / "images").iterdir() if p.is_dir())
     assert set(dirs) <= {"split=train", "split=val", "split=test"}
     names = [str(p.relative_to(out)) for p in out.rglob("*")]
     assert not [n for n in names if "cats" in n or "dogs" in n]
@@ -164,7 +172,7 @@ def test_row_groups_shard_the_train_split_and_mix_classes(ingested_sample):
     need = 4 * m["config"]["max_train_procs"]
     counted = {}
     for split in m["splits"]:
-        files = sorted((out / "images" / f"split={split}").glob("*.parquet"))
+        files = sorted((version_dir(out) / "images" / f"split={split}").glob("*.parquet"))
         counted[split] = sum(pq.ParquetFile(f).num_row_groups for f in files)
         if split == "train":
             for f in files:
@@ -368,18 +376,33 @@ def test_append_adds_only_new_files_and_keeps_splits_and_classes(spark, tmp_path
 
 # --- reliability ------------------------------------------------------------------------
 
-def test_partial_write_and_staging_debris_are_cleaned(spark, tmp_path):
+def test_a_crashed_writers_files_are_never_read_and_staging_debris_is_cleaned(spark, tmp_path):
     raw = tmp_path / "raw"
     write_labelled(raw, {"a": 3, "b": 3}, seed=5, size=12)
     out = tmp_path / "out"
-    (out / "images" / "split=train").mkdir(parents=True)
-    (out / "images" / "split=train" / "part-00000-stale.parquet").write_bytes(b"half a file")
-    debris = tmp_path / f"{STAGING_PREFIX}out-0123456789ab"
+    crashed = out / "_v" / "00000001-0123456789ab" / "images" / "split=train"  # a writer killed before its commit
+    crashed.mkdir(parents=True)
+    (crashed / "part-00000-stale.parquet").write_bytes(b"half a file")
+    debris = tmp_path / f"{STAGING_PREFIX}out-0123456789ab"  # what the earlier, rename-based commit left
     (debris / "images").mkdir(parents=True)
     ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
     assert not debris.exists()
-    assert not list(out.rglob("*stale*"))
+    assert "stale" not in str(version_dir(out))
     assert len(images_rows(out)) == 6 and manifest(out)["files_seen"] == 6
+    ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="overwrite")
+    assert not list(out.rglob("*stale*"))  # a later commit removes the unreferenced folder
+    assert len(images_rows(out)) == 6
+
+
+def test_a_folder_of_foreign_files_is_refused_not_deleted(spark, tmp_path):
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"a": 2, "b": 2}, seed=5, size=12)
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not pixelmill's")
+    with pytest.raises(DataError, match=r"holds files but no _snapshots/ .* not a pixelmill output \(choose an empty"):
+        ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
 
 
 def test_a_lost_row_fails_the_job_and_commits_nothing(spark, tmp_path, monkeypatch):
@@ -390,7 +413,8 @@ def test_a_lost_row_fails_the_job_and_commits_nothing(spark, tmp_path, monkeypat
     monkeypatch.setenv(faults.MARKER_ENV, str(tmp_path / "marker"))
     with pytest.raises(InvariantError, match="6 listed but 5 accepted"):
         ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
-    assert not out.exists()
+    assert committed(filesystem(uri(out)), uri(out)) is None
+    assert not [p for p in out.rglob("*") if p.is_file()]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
 
 
@@ -460,3 +484,49 @@ def test_spark_retries_a_failed_batch_and_output_equals_a_clean_run(fault, confi
     m, mc = manifest(out), manifest(clean_out)
     for k in ("files_seen", "accepted", "rejected", "splits", "classes", "class_counts", "stats"):
         assert m[k] == mc[k] == (summary[k] if k in summary else m[k])
+
+
+# --- the commit: a driver SIGKILLed at each step ------------------------------------------------
+
+def _snapshot_rows(out: Path) -> int:
+    found = committed(filesystem(uri(out)), uri(out))
+    return sum(f.rows for f in found.files)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode,step", [("overwrite", 1), ("overwrite", 2), ("overwrite", 3), ("append", 2)])
+def test_a_driver_killed_at_each_commit_step_leaves_the_old_version_or_the_new_one(spark, tmp_path, mode, step):
+    """Kill the whole driver process group (Python and its JVM) at a commit step: the output reads as
+    exactly the old version or exactly the new one, reconciling, and the next run succeeds."""
+    import signal
+
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"a": 3, "b": 3}, seed=11, size=12)
+    out = tmp_path / "out"
+    keep = ("ingest.retain_versions=1",)  # step 3 (the prune) has an old version to delete
+    ingest.run(spark, cfg_with(*keep), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    old = manifest(out)
+    write_labelled(raw, {"a": 2, "b": 1}, seed=12, size=12)  # 3 new files for the second run
+    cmd = [sys.executable, "-m", "pipeline", "ingest", "--input", str(raw), "--output", str(out), "--mode", mode,
+           "--config", "local.yaml", "--log-level", "WARNING"]
+    for s in (*SPARK_TEST, *CORPUS_OVERRIDES, "ingest.batch_rows=8", *keep):
+        cmd += ["--set", s]
+    env = {**os.environ, faults.ENV: f"commit:kill:step={step}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    _, err = proc.communicate(timeout=540)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the JVM the driver started dies with it, as in a node loss
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+
+    m = manifest(out)
+    assert m["files_seen"] == (old["files_seen"] if step == 1 else old["files_seen"] + 3)
+    assert (m == old) == (step == 1)
+    images, rejects = images_rows(out), rejects_rows(out)
+    assert len(images) == m["accepted"] and len(rejects) == sum(m["rejected"].values())
+    assert _snapshot_rows(out) == len(images) + len(rejects) == m["files_seen"]
+
+    again = ingest.run(spark, cfg_with(*keep), input_uri=uri(raw), output_uri=uri(out), mode=mode)
+    assert manifest(out)["files_seen"] == again["files_seen"] == old["files_seen"] + 3
+    assert len(list((out / "_v").iterdir())) == 1 and len(list((out / "_snapshots").iterdir())) == 1

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
+from outputs import version_dir
 from pipeline.imaging.quality import (
     FLAGS, QualityThresholds, flags, hamming, measure, phash,
 )
@@ -317,6 +318,7 @@ def _ingest(spark, src, tmp_path, *sets):
     cfg = load_config(["local.yaml"], ["spark.ui_enabled=false", "spark.log_level=ERROR", *QUALITY_OVERRIDES, *sets])
     out = tmp_path / "out"
     ingest.run(spark, cfg, input_uri=str(src), output_uri=str(out), mode="overwrite")
+    out = version_dir(out)
     manifest = json.loads((out / "_manifest.json").read_text())
     images = spark.read.parquet(str(out / "images")).select(
         "source_path", "split", "phash", "quality_flags", "near_dup_group").toPandas()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from outputs import version_dir
 from pipeline.cli import main
 from conftest import SAMPLE_INGEST_OVERRIDES
 
@@ -39,13 +40,13 @@ def _progress(proc: subprocess.CompletedProcess, stage: str) -> list:
 
 
 def _outputs(root: Path) -> dict:
-    """What a rerun must leave alone: the commit markers, the model's id and file, the predictions."""
+    """What a rerun must leave alone: the committed versions, the model's id and file, the predictions."""
     return {
-        "ingest_marker": (root / "ingest" / "_PIXELMILL_COMMITTED").read_bytes(),
+        "ingest_version": str(version_dir(root / "ingest")),
         "model_card": json.loads((root / "model" / "model.json").read_text()),
         "model_file": (root / "model" / "model" / "model.keras").stat().st_mtime_ns,
-        "scores_marker": (root / "scores" / "_PIXELMILL_COMMITTED").read_bytes(),
-        "predictions": sorted(str(p.relative_to(root)) for p in (root / "scores" / "predictions").rglob("*.parquet")),
+        "scores_version": str(version_dir(root / "scores")),
+        "predictions": sorted(str(p.relative_to(root)) for p in (version_dir(root / "scores") / "predictions").rglob("*.parquet")),
     }
 
 
@@ -58,11 +59,11 @@ def test_run_chains_the_stages_and_a_rerun_redoes_nothing(spark, sample_config, 
     assert [stages[s]["action"] for s in ("ingest", "train", "score")] == ["ran", "ran", "ran"]
     assert stages["ingest"]["images"] == 144 == stages["ingest"]["accepted"] + stages["ingest"]["rejected"]
     assert stages["train"]["epochs"] == 1 and stages["train"]["epochs_run_now"] == 1
-    manifest = json.loads((root / "ingest" / "_manifest.json").read_text())
+    manifest = json.loads((version_dir(root / "ingest") / "_manifest.json").read_text())
     assert stages["score"]["images"] == manifest["splits"]["test"] > 0
     assert result["train_rows"] == manifest["splits"]["train"]
     assert 0.0 <= result["accuracy"] <= 1.0
-    assert result["accuracy"] == json.loads((root / "scores" / "_metrics.json").read_text())["accuracy"]
+    assert result["accuracy"] == json.loads((version_dir(root / "scores") / "_metrics.json").read_text())["accuracy"]
     card = json.loads((root / "model" / "model.json").read_text())
     assert result["model_id"] == card["model_id"] == stages["score"]["model_id"]
     report = root / "report" / "index.html"

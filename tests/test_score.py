@@ -22,6 +22,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, OutputExistsError
 from pipeline.schema import IMAGE_COLUMNS, IMAGE_FIELDS, spark_schema
+from outputs import version_dir
 from pipeline.contracts import COMMIT_MARKER, STAGING_PREFIX
 
 CLASSES = ("diagonal", "horizontal", "vertical")
@@ -106,7 +107,7 @@ def read_images(data_uri: str, split: Optional[str] = None):
     """The ingest rows as pandas, read with pyarrow (no pipeline code)."""
     import pyarrow.dataset as ds
 
-    table = ds.dataset(data_uri[len("file://"):] + "/images", format="parquet", partitioning="hive").to_table()
+    table = ds.dataset(str(version_dir(data_uri) / "images"), format="parquet", partitioning="hive").to_table()
     pdf = table.to_pandas()
     pdf["split"] = pdf["split"].astype(str)
     return pdf if split is None else pdf[pdf["split"] == split].reset_index(drop=True)
@@ -206,7 +207,7 @@ def scored_all(spark, cfg, data, model_dir, tmp_path_factory):
 
 
 def predictions(spark, out: str):
-    return spark.read.parquet(out + "/predictions").toPandas()
+    return spark.read.parquet(str(version_dir(out) / "predictions")).toPandas()
 
 
 # --- tests -----------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def test_every_row_is_scored_once_and_equals_single_process_predict(spark, score
 
 def test_predictions_are_partitioned_by_the_configured_column(scored_all):
     _, out = scored_all
-    folders = sorted(p.name for p in Path(out[len("file://"):], "predictions").iterdir() if p.is_dir())
+    folders = sorted(p.name for p in (version_dir(out) / "predictions").iterdir() if p.is_dir())
     assert folders == ["split=test", "split=train", "split=val"]
 
 
@@ -247,7 +248,7 @@ def test_metrics_equal_those_computed_by_hand(spark, scored_all):
     cm = np.zeros((k, k), dtype=int)
     for label, pred in zip(pdf["label"], pdf["pred_label"]):
         cm[CLASSES.index(label), CLASSES.index(pred)] += 1
-    got = json.loads(Path(out[len("file://"):], "_metrics.json").read_text())
+    got = json.loads((version_dir(out) / "_metrics.json").read_text())
     assert got["classes"] == list(CLASSES)
     assert got["confusion_matrix"] == cm.tolist()
     assert got["rows"] == len(pdf) == cm.sum()
@@ -266,7 +267,7 @@ def test_metrics_equal_those_computed_by_hand(spark, scored_all):
     assert 0 < np.trace(cm) < cm.sum() or np.trace(cm) == cm.sum()  # sanity: the model learned something
     from PIL import Image
 
-    with Image.open(Path(out[len("file://"):], "confusion_matrix.png")) as im:
+    with Image.open(version_dir(out) / "confusion_matrix.png") as im:
         assert im.format == "PNG" and min(im.size) >= 200
 
 
@@ -278,7 +279,7 @@ def test_model_subfolder_unpartitioned_single_split(spark, cfg, data, model_dir,
     summary = score.run(spark, cfg2, data_uri=data, model_uri=model_dir + "/model", output_uri=out,
                         split="test", mode="error")
     assert summary["rows"] == SPLIT_SIZES["test"]
-    root = Path(out[len("file://"):], "predictions")
+    root = version_dir(out) / "predictions"
     assert not [p for p in root.iterdir() if p.is_dir()]
     got = predictions(spark, out).set_index("image_id")
     full = predictions(spark, scored_all[1]).set_index("image_id")
@@ -296,13 +297,13 @@ def test_unlabeled_data_gets_null_labels_and_no_metrics(spark, cfg, keras_model,
     out = "file://" + str(tmp_path / "scored")
     with pytest.raises(DataError, match=r"split 'test' .* holds no images \(it has: unlabeled=20\).*--split all"):
         score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="test", mode="error")
-    assert not (tmp_path / "scored").exists()
+    assert not (tmp_path / "scored").exists()  # the checks failed before anything was written
     summary = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="error")
     pdf = predictions(spark, out)
     assert (summary["rows"], summary["metrics"], summary["metrics_uri"]) == (20, None, None)
     assert len(pdf) == 20 and pdf["label"].isna().all() and set(pdf["split"]) == {"unlabeled"}
-    assert sorted(p.name for p in (tmp_path / "scored").iterdir() if not p.name.startswith(".")) == [
-        COMMIT_MARKER, "predictions"]
+    assert sorted(p.name for p in version_dir(out).iterdir() if not p.name.startswith(".")) == ["predictions"]
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == ["_snapshots", "_v"]
 
 
 def _edit_model_json(src_dir: str, dst: Path, **changes) -> str:
@@ -368,10 +369,10 @@ def test_existing_output_is_refused_unless_overwrite(spark, cfg, data, model_dir
     from pipeline import score
 
     _, out = scored_all
-    before = sorted(Path(out[len("file://"):], "predictions").rglob("*.parquet"))
+    before = sorted((version_dir(out) / "predictions").rglob("*.parquet"))
     with pytest.raises(OutputExistsError, match=r"already exists: pass --mode overwrite to replace it$"):
         score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="error")
-    assert sorted(Path(out[len("file://"):], "predictions").rglob("*.parquet")) == before
+    assert sorted((version_dir(out) / "predictions").rglob("*.parquet")) == before
 
 
 def _set_fault(spark, value: Optional[str]) -> None:
@@ -405,10 +406,12 @@ def test_interrupted_run_then_rerun_has_no_duplicates_and_no_missing_rows(spark,
         assert not out_dir.exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
 
-    # Debris a killed driver would leave: a half-written output without its marker and a staging folder.
-    some_part = next(Path(scored_all[1][len("file://"):], "predictions").rglob("*.parquet"))
-    (out_dir / "predictions" / "split=test").mkdir(parents=True)
-    shutil.copy(some_part, out_dir / "predictions" / "split=test" / "part-00000-debris.parquet")
+    # Debris a killed driver would leave: an uncommitted version folder, and a staging folder of
+    # the earlier rename-based commit.
+    some_part = next((version_dir(scored_all[1]) / "predictions").rglob("*.parquet"))
+    crashed = out_dir / "_v" / "00000001-deadbeef0000" / "predictions" / "split=test"
+    crashed.mkdir(parents=True)
+    shutil.copy(some_part, crashed / "part-00000-debris.parquet")
     stale = tmp_path / f"{STAGING_PREFIX}scored-deadbeef0000"
     (stale / "predictions").mkdir(parents=True)
     shutil.copy(some_part, stale / "predictions" / "part-00000-debris.parquet")
@@ -419,8 +422,8 @@ def test_interrupted_run_then_rerun_has_no_duplicates_and_no_missing_rows(spark,
     assert summary["rows"] == len(got) == len(clean)
     assert got["image_id"].is_unique
     assert set(got["image_id"]) == set(clean["image_id"])
-    assert not list(out_dir.rglob("*debris*"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)]
+    assert "deadbeef" not in str(version_dir(out))  # the crashed writer's files are never read
     a = got.set_index("image_id").sort_index()
     b = clean.set_index("image_id").sort_index()
     assert (a["pred_label"] == b["pred_label"]).mean() > 0.95  # near-ties aside, the same answers
@@ -490,7 +493,7 @@ def test_undecodable_and_oversized_images_are_rejected_not_lost(spark, cfg, kera
     out = "file://" + str(tmp_path / "scored")
     summary = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="test", mode="error")
     assert (summary["rows_in"], summary["rows"], summary["rejected"]) == (10, 6, 4)
-    rej = spark.read.parquet(out + "/rejects").toPandas()
+    rej = spark.read.parquet(str(version_dir(out) / "rejects")).toPandas()
     bad_ids = {bytes(b): i for i, b in zip(rows["image_id"], rows["image"])}
     got = {r.image_id: r.reason for r in rej.itertuples()}
     assert got == {bad_ids[b"not an image"]: "undecodable", bad_ids[truncated]: "undecodable",
@@ -499,7 +502,7 @@ def test_undecodable_and_oversized_images_are_rejected_not_lost(spark, cfg, kera
     pred = predictions(spark, out)
     pred_ids = set(pred["image_id"])
     assert pred_ids | set(rej["image_id"]) == set(rows["image_id"]) and not pred_ids & set(rej["image_id"])
-    assert json.loads((tmp_path / "scored" / "_metrics.json").read_text())["rows"] == 6
+    assert json.loads((version_dir(out) / "_metrics.json").read_text())["rows"] == 6
     # The good rows of the batches that held bad ones are scored exactly as a single process would.
     good = rows[rows["image_id"].isin(pred_ids)].reset_index(drop=True)
     expected = keras_model.predict(reference_inputs(good, dm), verbose=0).max(axis=1)
@@ -513,7 +516,7 @@ def test_real_ingest_output_is_scored_row_for_row(spark, cfg, ingested_sample, t
 
     from pipeline import score
 
-    man = json.loads(Path(ingested_sample[len("file://"):], "_manifest.json").read_text())
+    man = json.loads((version_dir(ingested_sample) / "_manifest.json").read_text())
     img = man["image"]
     keras.utils.set_random_seed(11)
     model = keras.Sequential([
@@ -532,7 +535,7 @@ def test_real_ingest_output_is_scored_row_for_row(spark, cfg, ingested_sample, t
     expected = model.predict(reference_inputs(rows, man), verbose=0)
     np.testing.assert_allclose(got["probability"].to_numpy(), expected.max(axis=1), rtol=1e-4, atol=1e-5)
     assert list(got["label"]) == list(rows["label"])
-    saved = json.loads((tmp_path / "scored" / "_metrics.json").read_text())
+    saved = json.loads((version_dir(out) / "_metrics.json").read_text())
     assert saved["rows"] == len(rows)
     assert saved["classes"] == sorted(man["classes"], key=man["classes"].get)
 
@@ -563,8 +566,8 @@ def test_spark_submit_job_scores_and_prints_summary(data, model_dir, tmp_path, r
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (summary["rows"], summary["rows_in"], summary["rejected"]) == (SPLIT_SIZES["test"],) * 2 + (0,)
-    assert (out / COMMIT_MARKER).exists() and (out / "_metrics.json").exists()
-    assert {p.name.split("=")[0] for p in (out / "predictions").iterdir() if p.is_dir()} == {"pred_label"}
+    assert (version_dir(out) / "_metrics.json").exists() and summary["version"] == 1
+    assert {p.name.split("=")[0] for p in (version_dir(out) / "predictions").iterdir() if p.is_dir()} == {"pred_label"}
 
 
 def test_one_large_file_is_split_by_row_group_over_every_task_slot_without_a_shuffle(spark, cfg, keras_model,
@@ -625,3 +628,42 @@ def test_temporary_confs_restore_what_was_there_even_on_error(spark):
             spark.conf.unset(k)
         for k, v in restore.items():
             spark.conf.set(k, v)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("step", [1, 2])
+def test_a_driver_killed_at_each_commit_step_leaves_the_old_predictions_or_the_new(spark, cfg, data, model_dir,
+                                                                                  tmp_path, step):
+    """A SIGKILLed scoring driver (its whole process group) before / after the snapshot create: the
+    output reads as the complete old predictions or the complete new ones, and the next run succeeds."""
+    import signal
+    import contextlib
+
+    from pipeline import score
+    from pipeline.commit import committed
+    from pipeline.fs import filesystem
+
+    out = "file://" + str(tmp_path / "scored")
+    old = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="test", mode="error")
+    cmd = [sys.executable, "-m", "pipeline", "score", "--data", data, "--model", model_dir, "--output", out,
+           "--split", "all", "--mode", "overwrite", "--config", "local.yaml", "--log-level", "WARNING",
+           "--set", "spark.ui_enabled=false", "--set", "score.batch_size=16", "--set", f"score.top_k={TOP_K}"]
+    env = {**os.environ, "PIXELMILL_FAULT_INJECT": f"commit:kill:step={step}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    _, err = proc.communicate(timeout=540)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    found = committed(filesystem(out), out)
+    expect = SPLIT_SIZES["test"] if step == 1 else sum(SPLIT_SIZES.values())
+    assert found.info["split"] == ("test" if step == 1 else "all") and found.info["rows"] == expect
+    pdf = predictions(spark, out)
+    assert len(pdf) == pdf["image_id"].nunique() == expect == sum(f.rows for f in found.files)
+    metrics = json.loads((version_dir(out) / "_metrics.json").read_text())
+    assert metrics["rows"] == expect
+    assert (found.version == old["version"]) == (step == 1)
+
+    again = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="overwrite")
+    assert again["rows"] == len(predictions(spark, out)) == sum(SPLIT_SIZES.values())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from outputs import version_dir
 from pipeline import faults
 from pipeline.errors import ConfigError, DataError, TrainingError
 from pipeline.train.checkpoints import checkpoints_to_delete, latest_complete
@@ -265,7 +266,7 @@ def test_model_dir_layout_follows_the_contract(trained, ingested_sample):
                                        "learning_rate", "images_per_second", "epoch_seconds"]
 
     info = json.loads((d / "model.json").read_text())
-    manifest_path = Path(ingested_sample[len("file://"):]) / "_manifest.json"
+    manifest_path = version_dir(ingested_sample) / "_manifest.json"
     manifest = json.loads(manifest_path.read_text())
     blob = (d / "model" / "model.keras").read_bytes()
     assert info["model_id"] == hashlib.sha256(blob).hexdigest()[:16] == trained["second"]["model_id"]
@@ -321,7 +322,7 @@ def test_exported_model_loads_in_a_fresh_process_and_predicts(trained, ingested_
     from pipeline.imaging.stored import ImageSpec, Normalization, decode_batch, normalize_np
 
     info = json.loads((trained["dir"] / "model.json").read_text())
-    table = pq.read_table(Path(ingested_sample[len("file://"):]) / "images" / "split=val")
+    table = pq.read_table(version_dir(ingested_sample) / "images" / "split=val")
     spec = ImageSpec.from_manifest(info)
     x = normalize_np(decode_batch(table.column("image").to_pylist(), spec), Normalization.from_dict(info["normalization"]))
     labels = np.asarray(table.column("label_index").to_pylist())
@@ -412,8 +413,8 @@ def test_saved_model_in_a_fresh_process_predicts_what_scoring_predicts(spark, sa
 
     score.run(spark, sample_config, data_uri=ingested_sample, model_uri=trained["uri"],
               output_uri="file://" + str(tmp_path / "scores"), split="val", mode="error")
-    preds = pq.read_table(tmp_path / "scores" / "predictions").to_pandas().set_index("image_id")
-    rows = pq.read_table(Path(ingested_sample[len("file://"):]) / "images" / "split=val",
+    preds = pq.read_table(version_dir(tmp_path / "scores") / "predictions").to_pandas().set_index("image_id")
+    rows = pq.read_table(version_dir(ingested_sample) / "images" / "split=val",
                          columns=["image_id", "image"]).to_pylist()
     (tmp_path / "images.json").write_text(json.dumps([base64.b64encode(r["image"]).decode() for r in rows]))
     info = json.loads((trained["dir"] / "model.json").read_text())

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, cast
 
-from pipeline.contracts import IMAGES_DIR, IngestManifest, read_manifest
+from pipeline.contracts import IMAGES_DIR, IngestManifest, read_manifest, resolve_ingest
 from pipeline.errors import DataError
 from pipeline.fs import ArrowFS, filesystem, join, to_uri
 from pipeline.schema import IMAGE_FIELDS, SPLIT_COLUMN, UNLABELED_SPLIT
@@ -142,8 +142,9 @@ def split_layout(data_uri: str, split: str, *, manifest: Optional[IngestManifest
     data_uri = to_uri(data_uri)
     # Without a session filesystem() serves pyarrow.fs only (or says which scheme it cannot open).
     fs = cast(ArrowFS, filesystem(data_uri))
-    manifest = manifest if manifest is not None else read_manifest(data_uri, fs)
-    uri = join(data_uri, IMAGES_DIR, f"{SPLIT_COLUMN}={split}")
+    root = resolve_ingest(data_uri, fs).root
+    manifest = manifest if manifest is not None else read_manifest(root, fs)
+    uri = join(root, IMAGES_DIR, f"{SPLIT_COLUMN}={split}")
     if not fs.exists(uri):
         known = sorted(k for k, v in manifest.splits.items() if v)
         raise DataError(

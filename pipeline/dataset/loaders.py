@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
 
-from pipeline.contracts import IngestManifest, read_manifest
+from pipeline.contracts import IngestManifest, read_manifest, resolve_ingest
 from pipeline.dataset.layout import SplitLayout, check_labelled, check_shards, split_layout
 from pipeline.dataset.reader import ID_COLUMN, TRAIN_COLUMNS, ReaderSource
 from pipeline.dataset.tfdata import build, decoded_cache_mb, empty
@@ -75,8 +75,9 @@ def _prepare(data_uri: str, cfg: Any, split: str, rank: int, size: int, batch_si
         raise DataError(f"batch_size must be >= 1, got {batch_size} (train.batch_size)")
     data_uri = to_uri(data_uri)
     loader = cfg.loader if hasattr(cfg, "loader") else cfg  # the whole config or its loader section
-    manifest = read_manifest(data_uri)
-    layout = split_layout(data_uri, split, manifest=manifest)
+    root = resolve_ingest(data_uri).root  # once: every read below is of this version
+    manifest = read_manifest(root)
+    layout = split_layout(root, split, manifest=manifest)
     check_labelled(layout, data_uri)
     spec = ImageSpec.from_manifest(manifest)
     norm = Normalization.from_mode(loader.normalize, manifest, spec.channels)

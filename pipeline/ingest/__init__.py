@@ -14,9 +14,9 @@
   the job before anything is written;
 * **load** (:mod:`.load`) - ``images/`` (partitioned by ``split`` only, rows shuffled within a
   split, enough row groups for petastorm sharding), ``rejects/`` and ``_manifest.json`` are
-  written to a staging folder, reconciled from the Parquet footers
-  (``files_seen == accepted + sum(rejected)``), then committed atomically with
-  :func:`pipeline.commit.atomic_output`.
+  written to a new version folder, reconciled from the Parquet footers
+  (``files_seen == accepted + sum(rejected)``), then committed by one snapshot create
+  (:func:`pipeline.commit.versioned_output`).
 
 Fault injection for reliability tests goes through :mod:`pipeline.faults` (point
 ``ingest.batch``, e.g. ``PIXELMILL_FAULT_INJECT=ingest.batch:kill:once``). See ``docs/ingest.md``.
@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Tuple
 
 from pipeline import faults
-from pipeline.commit import atomic_output, check_output_mode
+from pipeline.commit import check_output_mode, versioned_output
 from pipeline.config import Config, IngestConfig
-from pipeline.contracts import IMAGES_DIR, QUALITY_EXAMPLES, REJECTS_DIR, IngestManifest, read_manifest, write_manifest
+from pipeline.contracts import (IMAGES_DIR, QUALITY_EXAMPLES, REJECTS_DIR, IngestManifest, read_manifest, resolve_ingest,
+                                write_manifest)
 from pipeline.errors import ConfigError, DataError
 from pipeline.fs import FileSystem, filesystem, join, to_uri
 from pipeline.imaging.clean import ImageOptions
@@ -40,7 +41,7 @@ from pipeline.imaging.reasons import ALREADY_INGESTED
 from pipeline.ingest import accounting, extract, layout, load, quality, transform
 from pipeline.ingest.accounting import check_invariant, class_mapping
 from pipeline.ingest.layout import layout_has_val
-from pipeline.schema import QUALITY_FIELDS, REJECT_COLUMNS, STORED_IMAGE_COLUMNS
+from pipeline.schema import QUALITY_FIELDS, REJECT_COLUMNS, SPLIT_COLUMN, STORED_IMAGE_COLUMNS
 from pipeline.spark import assert_on_driver, set_job_description, task_slots, temporary_confs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,12 +155,13 @@ def _read_prior(job: _Job) -> Optional[_Prior]:
     if not job.committed:
         log.info("--mode append: %s holds no committed output yet, ingesting everything", job.output_uri)
         return None
-    manifest = read_manifest(job.output_uri, spark=job.spark)
+    root = resolve_ingest(job.output_uri, spark=job.spark).root
+    manifest = read_manifest(root, spark=job.spark)
     if manifest.get("image", {}) != load.image_block(job.cfg):
         raise ConfigError(f"--mode append: ingest.height/width/color_mode/encode_format differ from the existing "
                           f"output ({manifest.get('image')}); use the same settings or --mode overwrite")
     read = job.spark.read
-    return _Prior(manifest, read.parquet(join(job.output_uri, IMAGES_DIR)), read.parquet(join(job.output_uri, REJECTS_DIR)))
+    return _Prior(manifest, read.parquet(join(root, IMAGES_DIR)), read.parquet(join(root, REJECTS_DIR)))
 
 
 def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, timings: Dict[str, float]) -> _Scan:
@@ -289,7 +291,9 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
     spark, icfg, total = job.spark, job.cfg, out.total
     n_train = total.splits.get("train", 0)
     tasks, rows_per_file = load.plan_files(n_train, total.accepted, total.image_bytes, icfg, scan.slots)
-    with atomic_output(spark, job.output_uri, commit_info={"stage": "ingest", "files_seen": total.files_seen}) as staging:
+    with versioned_output(spark, job.output_uri, info={"stage": "ingest", "files_seen": total.files_seen},
+                          retain=icfg.retain_versions) as version:
+        staging = version.uri
         t = time.perf_counter()
         set_job_description(spark, f"ingest: write {total.accepted} images")
         # A first run's rows are already hash-partitioned by image_id (the duplicate window):
@@ -314,7 +318,13 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
         manifest["quality"] = out.quality
         staged.write_json(join(staging, QUALITY_EXAMPLES), out.examples)
         write_manifest(staged, staging, manifest)
+        for split, rows in sorted(total.splits.items()):
+            version.add(join(staging, IMAGES_DIR, f"{SPLIT_COLUMN}={split}"), rows, "images")
+        version.add(join(staging, REJECTS_DIR), sum(total.rejected.values()), "rejects")
+        version.info.update({"accepted": total.accepted, "rejected": dict(total.rejected),
+                             "splits": dict(total.splits), "mode": job.mode})
     log.info("ingest: committed %s: %d accepted, %d rejected, splits %s, %.0f files/s", job.output_uri,
              total.accepted, sum(total.rejected.values()), manifest["splits"], manifest["images_per_second"])
     return {k: manifest[k] for k in ("files_seen", "accepted", "rejected", "splits", "class_counts", "classes",
-                                     "row_groups", "images_per_second", "run", "timings")} | {"output": job.output_uri}
+                                     "row_groups", "images_per_second", "run", "timings")} | {
+        "output": job.output_uri, "version": version.version, "version_root": staging}

@@ -13,7 +13,7 @@
    decompression-bomb guard of this path.
 3. Writes ``<out>/predictions/`` (partitioned by ``score.partition_by``) and, when labels
    exist, ``_metrics.json`` + ``confusion_matrix.png`` computed with Spark aggregations
-   (:mod:`pipeline.score.metrics`), all inside :func:`pipeline.commit.atomic_output`: a
+   (:mod:`pipeline.score.metrics`), all inside :func:`pipeline.commit.versioned_output`: a
    failed or killed run leaves nothing at ``<out>``, a rerun never mixes in debris.
 
 Every input row is accounted for: it is either a prediction or, when its stored bytes
@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from pipeline import tracking
-from pipeline.commit import atomic_output
+from pipeline.commit import versioned_output
 from pipeline.config import Config
 from pipeline.contracts import METRICS_FILE, PREDICTIONS_DIR, REJECTS_DIR
 from pipeline.fs import filesystem, join, to_uri
@@ -64,12 +64,14 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
     driver.check_output(spark, output_uri, mode)
     plan = driver.make_plan(spark, cfg.score, model, inputs.driver_file)
     summary: Dict[str, Any] = {"stage": "score", "split": split, "model_id": model.model_id,
-                               "data_uri": data_uri, "model_dir": model.model_dir, "output_uri": output_uri}
+                               "data_uri": data_uri, "data_version": inputs.data.version,
+                               "model_dir": model.model_dir, "output_uri": output_uri}
     log.info("scoring split %r of %s (%d rows) with model %s (%d classes, %s)", split, data_uri, rows_in,
              model.model_id, len(model.classes), "x".join(map(str, model.spec.shape)))
     try:
         with (driver.spread_over_slots(spark, cfg.score, inputs.df) as (df, tasks),
-              atomic_output(spark, output_uri, commit_info=summary) as staging):
+              versioned_output(spark, output_uri, info=summary, retain=cfg.score.retain_versions) as version):
+            staging = version.uri
             t_score = time.time()
             undecodable = driver.score_pass(spark, df, plan, join(staging, PREDICTIONS_DIR),
                                             partition_by=cfg.score.partition_by)
@@ -82,14 +84,19 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
                 rejected = driver.rejects_pass(spark, df, plan, join(staging, REJECTS_DIR), output_uri=output_uri)
             driver.check_accounted(rows_in, written, rejected)
             metrics = driver.write_evaluation(spark, counts, unlabeled, plan, staging, split=split, data_uri=data_uri)
-            summary.update(_outcome(output_uri, plan.scored_at.isoformat(), metrics, rows=written, rows_in=rows_in,
+            summary.update(_outcome(staging, plan.scored_at.isoformat(), metrics, rows=written, rows_in=rows_in,
                                     rejected=rejected, tasks=tasks))
+            summary.update({"version": version.version, "version_root": staging})
+            version.add(join(staging, PREDICTIONS_DIR), written, "predictions")
+            if rejected:
+                version.add(join(staging, REJECTS_DIR), rejected, "rejects")
             summary["timings"] = {"total_s": round(time.time() - t0, 3), "checks_s": round(checks_s, 3),
                                   "score_s": round(score_s, 3), "metrics_s": round(time.time() - t_metrics, 3)}
             summary["images_per_second"] = round(rows_in / score_s, 1) if score_s > 0 else None
     finally:
         set_job_description(spark, None)  # type: ignore[arg-type]
-    tracking.log_scoring(model.card, cfg, filesystem(output_uri, spark), output_uri, split=split, metrics=metrics,
+    tracking.log_scoring(model.card, cfg, filesystem(output_uri, spark), summary["version_root"], split=split,
+                         metrics=metrics,
                          summary=summary)
     log.info("scored %d rows (%d rejected) in %.1fs: %s", summary["rows"], summary["rejected"],
              summary["timings"]["total_s"],

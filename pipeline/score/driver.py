@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Tuple
 from pipeline import faults
 from pipeline.commit import check_output_mode
 from pipeline.config import ScoreConfig
-from pipeline.contracts import IngestManifest, IMAGES_DIR, read_manifest
+from pipeline.commit import Committed
+from pipeline.contracts import IngestManifest, IMAGES_DIR, read_manifest, resolve_ingest
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
 from pipeline.fs import filesystem, is_under, join
 from pipeline.schema import REJECT_COLUMNS, REJECT_FIELDS, SPLIT_COLUMN, SPLITS, UNLABELED_SPLIT, ddl
@@ -45,6 +46,7 @@ class Inputs:
     driver_file: str
     manifest: IngestManifest
     df: "DataFrame"
+    data: Committed  #: the data version read (resolved once)
 
 
 # --- checks: nothing is written before all of these pass ----------------------------------
@@ -86,12 +88,13 @@ def check_inputs(spark: "SparkSession", *, data_uri: str, model_uri: str, output
     model_fs = filesystem(model_uri, spark)
     model = read_model_info(model_fs, model_uri)
     check_overlap(data_uri, model.model_dir, output_uri)
-    manifest = read_manifest(data_uri, spark=spark)
+    data = resolve_ingest(data_uri, spark=spark)
+    manifest = read_manifest(data.root, spark=spark)
     check_compatible(model, manifest, data_uri)
-    df = read_split(spark, data_uri, split, manifest.splits)
+    df = read_split(spark, data.root, split, manifest.splits)
     driver_file = driver_model_file(model_fs, model)
     check_model_file(driver_file, model)
-    return Inputs(model, driver_file, manifest, df)
+    return Inputs(model, driver_file, manifest, df, data)
 
 
 def check_output(spark: "SparkSession", output_uri: str, mode: str) -> None:

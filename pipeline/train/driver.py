@@ -28,7 +28,8 @@ import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from pipeline import faults, tracking
-from pipeline.contracts import MODEL_CARD, manifest_sha256, model_file_uri, read_manifest, read_model_card
+from pipeline.contracts import (MODEL_CARD, manifest_sha256, model_file_uri, read_manifest, read_model_card,
+                                resolve_ingest)
 from pipeline.errors import ConfigError, DataError, InvariantError, TrainingError
 from pipeline.fs import filesystem, join, to_uri
 from pipeline.train import checkpoints, class_weights
@@ -80,7 +81,7 @@ class _OutputTap:
 
 
 def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str,
-                    mode: str) -> "IngestManifest":
+                    mode: str, data_root: Optional[str] = None) -> "IngestManifest":
     """Everything checked before launching; returns the ingest manifest.
 
     :func:`pipeline.contracts.read_manifest` checks that ``data_uri`` is a committed ingest
@@ -98,7 +99,7 @@ def validate_inputs(spark: "SparkSession", cfg: "Config", *, data_uri: str, mode
         waited = "" if is_local_master(spark.sparkContext.master) else f" within train.start_timeout={tc.start_timeout}s"
         raise ConfigError(f"train.num_proc={tc.num_proc} needs {tc.num_proc} concurrent Spark task slots but the "
                           f"cluster offers {slots}{waited}: lower train.num_proc (--num-proc) or add executors/cores")
-    manifest = read_manifest(data_uri, spark=spark)
+    manifest = read_manifest(data_root or data_uri, spark=spark)
     train_rows, groups = int(manifest.splits.get("train", 0)), int(manifest.row_groups.get("train", 0))
     if len(manifest.classes) < 2:
         raise DataError(f"--data {data_uri} has {len(manifest.classes)} class(es): training needs at least 2 "
@@ -158,7 +159,12 @@ def _existing_result(fs: "FileSystem", model_dir: str, cfg: "Config",
     if found is None:
         return None
     state = checkpoints.read_state(fs, model_dir, found[1])
-    if state.get("fingerprint") != dict(fp):
+    stored = dict(state.get("fingerprint") or {})
+    if stored != dict(fp) and {**stored, "ingest_manifest_sha256": None} == {**fp, "ingest_manifest_sha256": None}:
+        raise ConfigError(f"--model-dir {model_dir} holds checkpoints of another version of --data (a newer ingest or "
+                          "append): pass --mode overwrite to retrain on it, or warm-start a new --model-dir with "
+                          f"train.init_weights={model_dir}")
+    if stored != dict(fp):
         raise ConfigError(f"--model-dir {model_dir} holds checkpoints of another dataset, model or train.class_weight: "
                           "pass --mode overwrite to start fresh, or choose another --model-dir")
     stopped = bool(state["early_stopping"].get("stopped"))
@@ -256,10 +262,13 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
     t0 = time.time()
     cfg = for_model(cfg)
     data_uri, model_dir = to_uri(data_uri), to_uri(model_dir)
-    manifest = validate_inputs(spark, cfg, data_uri=data_uri, model_dir=model_dir, mode=mode)
-    balance = class_weights.for_training(cfg, data_uri, manifest)
+    if data_uri.rstrip("/") == model_dir.rstrip("/"):
+        raise ConfigError("--model-dir must differ from --data")
+    data = resolve_ingest(data_uri, spark=spark)  # once: the whole run reads this version
+    manifest = validate_inputs(spark, cfg, data_uri=data_uri, model_dir=model_dir, mode=mode, data_root=data.root)
+    balance = class_weights.for_training(cfg, data.root, manifest)
     fs = _model_dir_fs(model_dir)
-    manifest_sha = manifest_sha256(data_uri, filesystem(data_uri, spark))
+    manifest_sha = manifest_sha256(data.root, filesystem(data_uri, spark))
     fp = fingerprint(cfg, manifest, manifest_sha, weights=balance.weights)
     fresh = mode == "overwrite" or not fs.exists(model_dir) or checkpoints.find_latest(fs, model_dir) is None
     init = check_init_weights(cfg, manifest) if fresh else None
@@ -272,7 +281,8 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
             done["timings"] = {"total_s": round(time.time() - t0, 3)}
             return done
     fs.mkdirs(model_dir)
-    spec = {"run_id": uuid.uuid4().hex, "data_uri": data_uri, "model_dir": model_dir, "cfg": cfg.to_dict(),
+    spec = {"run_id": uuid.uuid4().hex, "data_uri": data.root, "model_dir": model_dir, "cfg": cfg.to_dict(),
+            "data": {**data.describe(), "manifest_sha256": manifest_sha},
             "manifest_sha256": manifest_sha, "fingerprint": fp, "fault": faults.armed(),
             "num_proc": cfg.train.num_proc, "init_weights": init,
             "class_weights": None if balance.weights is None else list(balance.weights),

@@ -231,7 +231,8 @@ def export(fs: "FileSystem", model_dir: str, *, model: Any, spec: Mapping[str, A
         "exported_epoch": int(chosen["epoch"]), "stopped_early": bool(es.stopped), "metrics": metrics,
         "stack": stack_versions(),
         "config": {"train": cfg.train.model_dump(mode="json"), "loader": cfg.loader.model_dump(mode="json")},
-        "data_uri": spec["data_uri"], "num_proc": int(spec.get("num_proc", 0)) or None,
+        "data_uri": (spec.get("data") or {}).get("uri", spec["data_uri"]), "data_snapshot": spec.get("data"),
+        "num_proc": int(spec.get("num_proc", 0)) or None,
         "init_weights": spec.get("init_weights"), "class_balance": spec.get("class_balance"),
         "serving": serving_card(), "mlflow": spec.get("tracking"),
     })
