@@ -63,6 +63,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="total epochs (overrides train.epochs)")
 
 
+def _data_version_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-version", type=int, default=None, metavar="N",
+                   help="read this committed version of --data (default: the newest; docs/contracts.md)")
+
+
 def _split_flag(p: argparse.ArgumentParser, text: str) -> None:
     # choices= for --help and for the DAG's flag rendering; type= so a bad value gets the house message.
     p.add_argument("--split", default="test", choices=SPLIT_CHOICES, type=_one_of("--split", SPLIT_CHOICES), help=text)
@@ -76,11 +81,13 @@ def build_parser(stage: str, prog: Optional[str] = None) -> argparse.ArgumentPar
         p.add_argument("--mode", default="error", choices=["error", "overwrite", "append"])
     elif stage == "train":
         p.add_argument("--data", required=True, help="an ingest output")
+        _data_version_flag(p)
         p.add_argument("--model-dir", required=True, help="checkpoints, history, exported model")
         _train_flags(p)
         p.add_argument("--mode", default="resume", choices=["resume", "overwrite"])
     elif stage == "score":
         p.add_argument("--data", required=True, help="an ingest output")
+        _data_version_flag(p)
         p.add_argument("--model", required=True, help="a training --model-dir or its model/")
         p.add_argument("--output", required=True, help="where predictions/ and _metrics.json go")
         _split_flag(p, "split to score (default: test)")
@@ -131,10 +138,12 @@ def stage_kwargs(stage: str, args: argparse.Namespace) -> Dict[str, Any]:
     if stage == "ingest":
         return {"input_uri": to_uri(args.input), "output_uri": to_uri(args.output), "mode": args.mode}
     if stage == "train":
-        return {"data_uri": to_uri(args.data), "model_dir": to_uri(args.model_dir), "mode": args.mode}
+        return {"data_uri": to_uri(args.data), "model_dir": to_uri(args.model_dir), "mode": args.mode,
+                "data_version": args.data_version}
     if stage == "score":
         return {"data_uri": to_uri(args.data), "model_uri": to_uri(args.model),
-                "output_uri": to_uri(args.output), "split": args.split, "mode": args.mode}
+                "output_uri": to_uri(args.output), "split": args.split, "mode": args.mode,
+                "data_version": args.data_version}
     if stage == "run":  # --num-proc/--epochs are in the config already (stage_overrides)
         return {"input_uri": to_uri(args.input), "output_root": to_uri(args.output_root), "split": args.split,
                 "fresh": args.fresh}

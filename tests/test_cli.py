@@ -28,6 +28,7 @@ def test_unknown_stage_is_one_line(capsys):
         (["ingest", "--input", "a", "--output", "b", "--mode", "replace"], "invalid choice: 'replace'"),
         (["train", "--data", "a", "--model-dir", "b", "--num-proc", "two"], "invalid int value"),
         (["score", "--data", "a", "--model", "m", "--output", "o", "--bogus"], "unrecognized arguments"),
+        (["score", "--data", "a", "--model", "m", "--output", "o", "--data-version", "latest"], "invalid int value"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, needle):
@@ -75,3 +76,11 @@ def test_console_script_and_module_help(repo_root):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert "--config" in proc.stdout and "--set" in proc.stdout
+
+
+@pytest.mark.parametrize("stage, argv", [("train", ["--model-dir", "m"]), ("score", ["--model", "m", "--output", "o"])])
+def test_data_version_reaches_the_stage(stage, argv):
+    from pipeline.cli import parse_args, stage_kwargs
+
+    assert stage_kwargs(stage, parse_args(stage, ["--data", "/d", *argv]))["data_version"] is None
+    assert stage_kwargs(stage, parse_args(stage, ["--data", "/d", "--data-version", "3", *argv]))["data_version"] == 3

@@ -50,7 +50,8 @@ def test_each_write_is_a_new_version_and_readers_see_the_newest(out):
     assert (found.version, found.root, found.info["tag"]) == (2, second, "b")
     assert [(f.path.split("/", 2)[2], f.rows, f.kind) for f in found.files] == [("images", 5, "images")]
     assert read_manifest(out)["tag"] == "b"
-    assert committed(fs, out, 1).root == first  # --version 1 still reads (retain 2)
+    assert committed(fs, out, 1).root == first  # --data-version 1 still reads (retain 2)
+    assert read_manifest(resolve_ingest(out, version=1).root)["tag"] == "a"
 
 
 def test_a_reader_of_version_n_keeps_reading_it_while_n_plus_1_commits(out):

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, output_uri: str,
-        split: str = "test", mode: str = "error") -> Dict[str, Any]:
+        split: str = "test", mode: str = "error", data_version: Optional[int] = None) -> Dict[str, Any]:
     """Score ``split`` of the ingest output ``data_uri`` with a trained model; write ``output_uri``.
 
     Returns the summary printed by the CLI: ``rows`` (predictions written),
@@ -57,7 +57,8 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
     t0 = time.time()
     data_uri, model_uri, output_uri = to_uri(data_uri), to_uri(model_uri), to_uri(output_uri)
     driver.check_choices(split, mode)
-    inputs = driver.check_inputs(spark, data_uri=data_uri, model_uri=model_uri, output_uri=output_uri, split=split)
+    inputs = driver.check_inputs(spark, data_uri=data_uri, model_uri=model_uri, output_uri=output_uri, split=split,
+                                 data_version=data_version)
     model = inputs.model
     checks_s = time.time() - t0
     rows_in = driver.count_rows(spark, inputs.df, f"{split} rows of {data_uri}")

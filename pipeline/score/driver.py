@@ -83,12 +83,13 @@ def read_split(spark: "SparkSession", data_uri: str, split: str, splits: Mapping
     return df.select(*_INPUT_COLUMNS)
 
 
-def check_inputs(spark: "SparkSession", *, data_uri: str, model_uri: str, output_uri: str, split: str) -> Inputs:
+def check_inputs(spark: "SparkSession", *, data_uri: str, model_uri: str, output_uri: str, split: str,
+                 data_version: Optional[int] = None) -> Inputs:
     """Every check that needs no output: model card, overlap, manifest, data vs model, split, model file."""
     model_fs = filesystem(model_uri, spark)
     model = read_model_info(model_fs, model_uri)
     check_overlap(data_uri, model.model_dir, output_uri)
-    data = resolve_ingest(data_uri, spark=spark)
+    data = resolve_ingest(data_uri, spark=spark, version=data_version)
     manifest = read_manifest(data.root, spark=spark)
     check_compatible(model, manifest, data_uri)
     df = read_split(spark, data.root, split, manifest.splits)

@@ -243,7 +243,8 @@ def _explain_failure(err: BaseException, tap: _OutputTap, cfg: "Config", model_d
             "to resume from the last checkpoint")
 
 
-def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, mode: str = "resume") -> Dict[str, Any]:
+def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, mode: str = "resume",
+        data_version: Optional[int] = None) -> Dict[str, Any]:
     """Train with Horovod on Spark; returns a summary dict (epochs, final metrics).
 
     Parameters
@@ -255,6 +256,8 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
     mode:
         ``resume`` continues from the last complete checkpoint (a finished run
         is returned as is); ``overwrite`` deletes ``model_dir`` and starts fresh.
+    data_version:
+        The committed version of ``data_uri`` to train on (default: the newest).
     """
     from pipeline.spark import assert_on_driver
 
@@ -264,7 +267,7 @@ def run(spark: "SparkSession", cfg: "Config", *, data_uri: str, model_dir: str, 
     data_uri, model_dir = to_uri(data_uri), to_uri(model_dir)
     if data_uri.rstrip("/") == model_dir.rstrip("/"):
         raise ConfigError("--model-dir must differ from --data")
-    data = resolve_ingest(data_uri, spark=spark)  # once: the whole run reads this version
+    data = resolve_ingest(data_uri, spark=spark, version=data_version)  # once: the whole run reads this version
     manifest = validate_inputs(spark, cfg, data_uri=data_uri, model_dir=model_dir, mode=mode, data_root=data.root)
     balance = class_weights.for_training(cfg, data.root, manifest)
     fs = _model_dir_fs(model_dir)
