@@ -23,9 +23,12 @@ IMAGES_CHECK = (
 
 
 def read_examples(ingest_dir: str) -> Dict[str, Any]:
+    """The thumbnails of the ingest output's newest committed version (or of a version folder)."""
+    from pipeline.contracts import resolve_ingest
+
     uri = to_uri(ingest_dir)
     fs = filesystem(uri)
-    path = join(uri, QUALITY_EXAMPLES)
+    path = join(resolve_ingest(uri, fs).root, QUALITY_EXAMPLES)
     return fs.read_json(path) if fs.exists(path) else {}
 
 
