@@ -89,11 +89,13 @@ def test_run_chains_the_stages_and_a_rerun_redoes_nothing(spark, sample_config, 
     from pipeline import chain
     from pipeline.errors import OutputExistsError
 
-    marker = root / "scores" / "_PIXELMILL_COMMITTED"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "model_id": "another-model"}))
+    marker = sorted((root / "scores" / "_snapshots").glob("*.json"))[-1]  # the scores' commit: made by another model
+    snap = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**snap, "info": {**snap["info"], "model_id": "another-model"}}))
     third = chain.run(spark, sample_config, input_uri=str(raw_sample), output_root=str(root), epochs=1, num_proc=2)
     assert [third["stages"][s]["action"] for s in ("ingest", "train", "score")] == ["reused", "skipped", "ran"]
-    assert json.loads(marker.read_text())["model_id"] == result["model_id"]
+    newest = sorted((root / "scores" / "_snapshots").glob("*.json"))[-1]
+    assert json.loads(newest.read_text())["info"]["model_id"] == result["model_id"]
     assert third["accuracy"] == result["accuracy"]
 
     # The output root holds an ingest of another input: refused, with the fix, before anything is replaced.
