@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Literal, Optional
 from pipeline import faults
 from pipeline.contracts import COMMIT_MARKER, STAGING_PREFIX
 from pipeline.errors import DataError, OutputExistsError
-from pipeline.fs import FileSystem, filesystem, join, parent_and_name
-from pipeline.snapshots import SNAPSHOTS_DIR, VERSIONS_DIR, ConcurrentCommitError, DataFile, VersionedOutput
+from pipeline.fs import FileSystem, filesystem, join, parent_and_name, to_uri
+from pipeline.snapshots import (SNAPSHOTS_DIR, VERSIONS_DIR, ConcurrentCommitError, DataFile, Snapshot, VersionedOutput,
+                                VersionWriter)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
@@ -64,21 +65,17 @@ def committed(fs: FileSystem, uri: str, version: Optional[int] = None) -> Option
     """
     uri = uri.rstrip("/")
     m = _VERSION_ROOT_RE.match(uri)
-    if m:  # a version folder itself: valid only if a snapshot lists it
+    if m:  # a version folder itself: valid only if its snapshot (one read) names it
         try:
-            out = committed(fs, m.group(1), int(m.group(2)))
+            out = _from_snapshot(m.group(1), VersionedOutput(fs, m.group(1)).read(int(m.group(2))))
         except DataError:
             out = None  # that version was never committed, or was removed after retain_versions newer ones
         if out is None or out.root != uri:
             raise DataError(f"{uri} is not a committed version folder: pass the output folder {m.group(1)} instead")
         return out
-    vo = VersionedOutput(fs, uri)
-    snap = vo.snapshot(version) if (version is not None or vo.versions()) else None
+    snap = VersionedOutput(fs, uri).snapshot(version)
     if snap is not None:
-        root = join(uri, str(snap.info.get("root", "")))
-        return Committed(uri, root, snap.version, dict(snap.info), tuple(snap.files))
-    if version is not None:  # pragma: no cover - snapshot() raised already
-        return None
+        return _from_snapshot(uri, snap)
     marker = join(uri, COMMIT_MARKER)
     if fs.exists(marker):
         try:
@@ -92,6 +89,10 @@ def committed(fs: FileSystem, uri: str, version: Optional[int] = None) -> Option
             f"{uri} holds files but no {SNAPSHOTS_DIR}/ and no {COMMIT_MARKER}: it is not a pixelmill output "
             "(choose an empty or new folder, or pass the stage's --output)")
     return None
+
+
+def _from_snapshot(uri: str, snap: Snapshot) -> Committed:
+    return Committed(uri, join(uri, str(snap.info.get("root", ""))), snap.version, dict(snap.info), tuple(snap.files))
 
 
 def resolve(fs: FileSystem, uri: str, version: Optional[int] = None, *, missing: str, uncommitted: str) -> Committed:
@@ -154,18 +155,21 @@ def check_output_mode(fs: FileSystem, out_uri: str, mode: WriteMode, *, flag: st
 class Staged:
     """A version being written: files go under :attr:`uri`; :meth:`add` names what the snapshot lists."""
 
-    uri: str
-    version: int
+    writer: VersionWriter
     info: Dict[str, Any]
     files: List[DataFile] = field(default_factory=list)
-    _root: str = ""
+
+    @property
+    def uri(self) -> str:
+        return self.writer.data_uri
+
+    @property
+    def version(self) -> int:
+        return self.writer.version
 
     def add(self, uri: str, rows: int, kind: str) -> None:
         """List ``uri`` (a file or folder of this version, or of an earlier one) with its row count."""
-        prefix = self._root + "/"
-        if not uri.startswith(prefix):
-            raise ValueError(f"{uri} is not inside {self._root}")
-        self.files.append(DataFile(uri[len(prefix):], int(rows), kind))
+        self.files.append(DataFile(self.writer.rel(uri), int(rows), kind))
 
 
 @contextlib.contextmanager
@@ -181,10 +185,9 @@ def versioned_output(spark: Optional["SparkSession"], out_uri: str, *, info: Opt
     the same version first (this run's files are deleted; the winner is intact).
     """
     fs = filesystem(out_uri, spark)
-    clean_stale_staging(fs, out_uri)
     out = VersionedOutput(fs, out_uri)
     writer = out.begin()
-    staged = Staged(writer.data_uri, writer.version, info if info is not None else {}, _root=out.root)  # not a copy
+    staged = Staged(writer, info if info is not None else {})  # not a copy
     fs.mkdirs(writer.data_uri)
     try:
         yield staged
@@ -194,8 +197,8 @@ def versioned_output(spark: Optional["SparkSession"], out_uri: str, *, info: Opt
         if _committed_by(out, writer.version, writer.folder):  # a failed prune keeps the commit
             raise
         fs.delete(writer.data_uri)
-        if not fs.any_file(out.root) and committed(fs, out.root) is None:
-            fs.delete(out.root)  # a first write that failed leaves no folder behind
+        if not fs.any_file(out.root):  # no snapshot, no marker, nothing: a first write that failed
+            fs.delete(out.root)  # leaves no folder behind
         taken = [v for v in out.versions() if v >= writer.version]
         if taken and isinstance(e, Exception) and not isinstance(e, ConcurrentCommitError):
             # Another writer committed this version while this one wrote (and its prune removed
@@ -210,7 +213,7 @@ def versioned_output(spark: Optional["SparkSession"], out_uri: str, *, info: Opt
 def _committed_by(out: VersionedOutput, version: int, folder: str) -> bool:
     """Whether snapshot ``version`` exists and names ``folder`` (this writer's commit went through)."""
     try:
-        return version in out.versions() and out.snapshot(version).info.get("root") == folder  # type: ignore[union-attr]
+        return out.read(version).info.get("root") == folder
     except DataError:
         return False
 
@@ -218,8 +221,6 @@ def _committed_by(out: VersionedOutput, version: int, folder: str) -> bool:
 def version_root(uri: str, version: Optional[int] = None, *, spark: Optional["SparkSession"] = None) -> str:
     """The folder of the newest committed version of output ``uri`` (or ``version``): what to point
     another tool at (``spark.read.parquet(version_root(out) + "/predictions")``)."""
-    from pipeline.fs import to_uri
-
     uri = to_uri(uri)
     return resolve(filesystem(uri, spark), uri, version, missing=f"{uri} does not exist",
                    uncommitted=f"{uri} holds no committed version: run the stage that writes it").root

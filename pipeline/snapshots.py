@@ -112,51 +112,56 @@ class VersionedOutput:
                 out.append(int(m.group(1)))
         return sorted(out)
 
-    def _read(self, version: int) -> Snapshot:
+    def read(self, version: int) -> Snapshot:
+        """Snapshot ``version`` alone (one read); :class:`DataError` when it is absent or does not parse."""
         uri = join(self.root, SNAPSHOTS_DIR, f"{_vname(version)}.json")
+        if not self.fs.exists(uri):
+            raise DataError(f"{uri} does not exist")
         try:
             return Snapshot.from_json(json.loads(self.fs.read_bytes(uri)), uri)
         except ValueError as e:
             raise DataError(f"{uri} is not valid JSON ({e}): the output was modified by another tool") from None
 
-    def _readable(self, version: int) -> bool:
-        """False for a snapshot a writer died creating (empty or cut short on a store without atomic creates)."""
-        try:
-            self._read(version)
-            return True
-        except DataError as e:
-            log.warning("ignoring snapshot %d of %s: %s", version, self.root, e)
-            return False
+    def _committed(self, numbers: Optional[List[int]] = None) -> Dict[int, Snapshot]:
+        """Every snapshot that parses (of ``numbers``, default: all), by version, each read once. One
+        that does not parse is not a commit (a writer died creating it on a store without atomic creates)."""
+        out = {}
+        for v in self._numbers() if numbers is None else numbers:
+            try:
+                out[v] = self.read(v)
+            except DataError as e:
+                log.warning("ignoring snapshot %d of %s: %s", v, self.root, e)
+        return out
 
     def versions(self) -> List[int]:
-        """Committed versions, oldest first (a snapshot file that does not parse is not a commit)."""
-        return [v for v in self._numbers() if self._readable(v)]
+        """Committed versions, oldest first."""
+        return sorted(self._committed())
 
     def snapshot(self, version: Optional[int] = None) -> Optional[Snapshot]:
         """The snapshot of ``version`` (default: the newest); None when nothing is committed."""
-        versions = self.versions()
-        if not versions:
+        snaps = self._committed()
+        if not snaps:
             if version is not None:
-                raise DataError(f"{self.root} has no committed version: --version {version} does not exist")
+                raise DataError(f"{self.root} has no committed version: --data-version {version} does not exist")
             return None
         if version is None:
-            version = versions[-1]
-        elif version not in versions:
-            raise DataError(f"{self.root} has no version {version} (committed: {', '.join(map(str, versions))}): "
-                            "pass one of those to --version")
-        return self._read(version)
+            return snaps[max(snaps)]
+        if version not in snaps:
+            raise DataError(f"{self.root} has no version {version} (committed: {', '.join(map(str, sorted(snaps)))}): "
+                            "pass one of those to --data-version")
+        return snaps[version]
 
     # --- writing -------------------------------------------------------------------
     def begin(self) -> "VersionWriter":
         """A writer of the next version, with its own never-reused data folder."""
-        latest, numbers = self.versions(), self._numbers()
+        numbers = self._numbers()
+        latest = sorted(self._committed(numbers))
         parent = latest[-1] if latest else None
         version = (numbers[-1] if numbers else 0) + 1  # never reuse a number, even an unreadable one
         folder = join(VERSIONS_DIR, f"{_vname(version)}-{uuid.uuid4().hex[:12]}")
         return VersionWriter(self, version, parent, folder)
 
-    def prune(self, retain: int, *, keep_folder: Optional[str] = None,
-              fault: Optional[faults.FaultPlan] = None) -> List[str]:
+    def prune(self, retain: int, *, fault: Optional[faults.FaultPlan] = None) -> List[str]:
         """Delete snapshots beyond the newest ``retain`` and every data folder no retained snapshot lists.
 
         Unlisted data folders numbered above the newest version may belong to writers still running:
@@ -164,9 +169,10 @@ class VersionedOutput:
         ``_PIXELMILL_COMMITTED``) counts as the oldest version: its files go once ``retain``
         snapshots exist, the marker first, so a half-deleted old layout never reads as committed.
         """
-        versions = self.versions()
-        if not versions:
+        snaps = self._committed()
+        if not snaps:
             return []
+        versions = sorted(snaps)
         newest = versions[-1]
         removed: List[str] = []
         if len(versions) >= retain:
@@ -174,8 +180,7 @@ class VersionedOutput:
         retained = versions[-max(1, retain):]
         referenced: Set[str] = set()
         for v in retained:
-            snap = self.snapshot(v)
-            referenced.update(f.path.split("/")[1] for f in snap.files if f.path.startswith(VERSIONS_DIR + "/"))
+            referenced.update(f.path.split("/")[1] for f in snaps[v].files if f.path.startswith(VERSIONS_DIR + "/"))
         # Snapshots first: a crash mid-prune leaves unlisted folders (debris), never a snapshot
         # naming deleted files.
         for v in [n for n in self._numbers() if n < retained[0]]:
@@ -183,7 +188,7 @@ class VersionedOutput:
             faults.fire(fault, "commit", step=3)
         for e in self.fs.entries(join(self.root, VERSIONS_DIR)):
             m = _DATA_RE.match(e.name)
-            if not m or e.name in referenced or e.name == keep_folder or int(m.group(1)) > newest:
+            if not m or e.name in referenced or int(m.group(1)) > newest:
                 continue
             self.fs.delete(e.uri)
             removed.append(e.uri)

@@ -69,7 +69,7 @@ def test_versions_beyond_retain_are_removed_by_the_writer(out):
     fs = filesystem(out)
     roots = [_write_version(out, n, retain=2) for n in (1, 2, 3)]
     assert not fs.exists(roots[0]) and fs.exists(roots[1]) and fs.exists(roots[2])
-    with pytest.raises(DataError, match=r"has no version 1 \(committed: 2, 3\): pass one of those to --version"):
+    with pytest.raises(DataError, match=r"has no version 1 \(committed: 2, 3\): pass one of those to --data-version"):
         committed(fs, out, 1)
     with pytest.raises(DataError, match="is not a committed version folder: pass the output folder"):
         committed(fs, roots[0])

@@ -84,5 +84,5 @@ def test_a_crashed_writers_folder_is_never_read_and_is_removed_by_a_later_commit
 def test_an_unknown_version_is_one_line_naming_the_committed_ones(out):
     w, f = _write(out, {"a.parquet": 1})
     w.commit(f)
-    with pytest.raises(DataError, match=r"has no version 7 \(committed: 1\): pass one of those to --version"):
+    with pytest.raises(DataError, match=r"has no version 7 \(committed: 1\): pass one of those to --data-version"):
         out.snapshot(7)
