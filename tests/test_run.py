@@ -101,7 +101,7 @@ def test_run_chains_the_stages_and_a_rerun_redoes_nothing(spark, sample_config, 
     # The output root holds an ingest of another input: refused, with the fix, before anything is replaced.
     with pytest.raises(OutputExistsError, match="--fresh"):
         chain.run(spark, sample_config, input_uri=str(tmp_path / "other"), output_root=str(root), epochs=1)
-    assert _outputs(root)["ingest_marker"] == before["ingest_marker"]
+    assert _outputs(root)["ingest_version"] == before["ingest_version"]
 
 
 @pytest.mark.parametrize(
