@@ -187,6 +187,29 @@ def resolve_scores(score_uri: str, fs: Optional[FileSystem] = None) -> "Committe
                    "scoring commits nothing)")
 
 
+def split_folders(data: "Committed", split: str) -> List[str]:
+    """The folders holding ``split``'s rows in version ``data``, oldest first.
+
+    A version written by an append lists the folders of the versions before it as well as
+    its own (each append writes only its new rows); an output of the earlier layout has one
+    ``<root>/images/split=<s>/``. Empty when the split has no rows.
+    """
+    from pipeline.schema import SPLIT_COLUMN
+
+    suffix = f"{IMAGES_DIR}/{SPLIT_COLUMN}={split}"
+    if not any(f.kind == "images" for f in data.files):  # the earlier layout: one folder per split
+        return [join(data.root, suffix)]
+    return [join(data.uri, f.path) for f in data.files
+            if f.kind == "images" and f.rows > 0 and (f.path == suffix or f.path.endswith("/" + suffix))]
+
+
+def reject_folders(data: "Committed") -> List[str]:
+    """The folders holding the rejects of version ``data`` (see :func:`split_folders`)."""
+    if not any(f.kind == "rejects" for f in data.files):
+        return [join(data.root, REJECTS_DIR)]
+    return [join(data.uri, f.path) for f in data.files if f.kind == "rejects"]
+
+
 def read_manifest(data_uri: str, fs: Optional[FileSystem] = None, *,
                   spark: Optional["SparkSession"] = None) -> IngestManifest:
     """The manifest of the newest committed version of an ingest output, with every check done once.

@@ -180,7 +180,8 @@ class VersionedOutput:
         retained = versions[-max(1, retain):]
         referenced: Set[str] = set()
         for v in retained:
-            referenced.update(f.path.split("/")[1] for f in snaps[v].files if f.path.startswith(VERSIONS_DIR + "/"))
+            paths = [f.path for f in snaps[v].files] + [str(snaps[v].info.get("root", ""))]  # the version's own folder
+            referenced.update(p.split("/")[1] for p in paths if p.startswith(VERSIONS_DIR + "/"))
         # Snapshots first: a crash mid-prune leaves unlisted folders (debris), never a snapshot
         # naming deleted files.
         for v in [n for n in self._numbers() if n < retained[0]]:

@@ -160,31 +160,26 @@ def test_ingest_train_score_on_the_cluster_with_the_packed_env(cluster, packed, 
     cfg_args = ["--config", str(REPO / "conf" / "cluster.yaml"), *[a for o in overrides for a in ("--set", o)]]
     jobs = REPO / "jobs"
 
-    ingest = _summary(spark_submit([*common, str(jobs / "ingest.py"), "--input", f"file://{raw_sample}",
-                                    "--output", f"file://{out}/ingest", *cfg_args], timeout_s=900))
-    assert ingest["accepted"] == 144 and ingest["files_seen"] == 144
-
-    train = _summary(spark_submit([*common, str(jobs / "train.py"), "--data", f"file://{out}/ingest",
-                                   "--model-dir", f"file://{out}/model", "--num-proc", "2", "--epochs", "1",
-                                   *cfg_args], timeout_s=1200))
-    assert train["num_proc"] == 2
-    assert len(train["weights_sha256"]) == 2 and len(set(train["weights_sha256"])) == 1
-    assert train["epochs_completed"] == 1
-
-    score = _summary(spark_submit([*common, str(jobs / "score.py"), "--data", f"file://{out}/ingest",
-                                   "--model", f"file://{out}/model", "--output", f"file://{out}/preds",
-                                   "--split", "test", *cfg_args], timeout_s=900))
+    # The whole chain as one application (jobs/run.py: ingest, train, score, report), as a user runs it
+    # on one cluster: the archive is unpacked once per worker, not once per stage. The stage entry
+    # points are the same functions (tests/test_score.py and tests/test_run.py submit them locally).
+    run = _summary(spark_submit([*common, str(jobs / "run.py"), "--input", f"file://{raw_sample}",
+                                 "--output-root", f"file://{out}", "--num-proc", "2", "--epochs", "1",
+                                 "--split", "test", *cfg_args], timeout_s=1800))
+    stages = run["stages"]
+    assert [stages[s]["action"] for s in ("ingest", "train", "score")] == ["ran", "ran", "ran"]
+    assert stages["ingest"]["accepted"] == 144 == stages["ingest"]["images"]
 
     manifest = json.loads((version_dir(out / "ingest") / "_manifest.json").read_text())
     model_json = json.loads((out / "model" / "model.json").read_text())
     assert (out / "model" / "model" / "model.keras").is_file()
-    assert score["version"] == 1 and score["version_root"] == "file://" + str(version_dir(out / "preds"))
+    assert model_json["num_proc"] == 2 and model_json["epochs_completed"] == 1
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(version_dir(out / "preds") / "predictions"))
-    assert table.num_rows == manifest["splits"]["test"]
-    assert set(table.column("model_id").to_pylist()) == {model_json["model_id"]} == {train["model_id"]}
-    assert score["rows"] == manifest["splits"]["test"]
+    table = pq.read_table(str(version_dir(out / "scores") / "predictions"))
+    assert table.num_rows == manifest["splits"]["test"] == stages["score"]["images"]
+    assert set(table.column("model_id").to_pylist()) == {model_json["model_id"]} == {run["model_id"]}
+    assert (out / "report" / "index.html").is_file()
 
     # Every executor ran on the unpacked archive: ./env is in each executor's work dir, on both workers.
     unpacked = {w.name: sorted(str(p.relative_to(w)) for p in w.glob("app-*/*/env")) for w in cluster.worker_dirs}

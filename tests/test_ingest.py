@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from corpus import CORPUS_OVERRIDES, write_corpus, write_labelled, png_bytes, noise
-from outputs import version_dir
+from outputs import images_table, rejects_table, version_dir
 from pipeline import faults, ingest
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
@@ -47,12 +47,11 @@ def uri(p: Path) -> str:
 
 
 def images_rows(out: Path) -> List[Dict[str, Any]]:
-    ds = pads.dataset(str(version_dir(out) / "images"), format="parquet", partitioning="hive")
-    return ds.to_table().to_pylist()
+    return images_table(out).to_pylist()
 
 
 def rejects_rows(out: Path) -> List[Dict[str, Any]]:
-    return pads.dataset(str(version_dir(out) / "rejects"), format="parquet").to_table().to_pylist()
+    return rejects_table(out).to_pylist()
 
 
 def manifest(out: Path) -> Dict[str, Any]:
@@ -338,6 +337,7 @@ def test_append_adds_only_new_files_and_keeps_splits_and_classes(spark, tmp_path
     first = ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
     before = {r["image_id"]: r for r in images_rows(out)}
     m1 = manifest(out)
+    first_files = {p: p.stat().st_mtime_ns for p in (out / "_v").rglob("*.parquet")}
 
     # new files: 3 new cats, a renamed copy of an existing cat, a copy of an existing cat under dogs
     write_labelled(raw, {"cats": 3}, seed=2, size=12)
@@ -357,6 +357,16 @@ def test_append_adds_only_new_files_and_keeps_splits_and_classes(spark, tmp_path
     assert rej["cats/copy_of_000.png"]["detail"] == f"duplicate of {uri(raw)}/cats/img_1_000.png"
     assert rej["dogs/conflicting_001.png"]["reason"] == "label_conflict"
     assert sum(m2["splits"].values()) == len(after)
+    # Only the new files were written: the new version's folder holds this run's 3 images and 2
+    # rejects; the first version's files are listed by the new snapshot, untouched.
+    assert s["written"] == {"accepted": 3, "rejected": 2, "incremental": True}
+    own = Path(s["version_root"][len("file://"):])
+    assert sum(pq.read_metadata(f).num_rows for f in (own / "images").rglob("*.parquet")) == 3
+    assert sum(pq.read_metadata(f).num_rows for f in (own / "rejects").rglob("*.parquet")) == 2
+    assert {p: p.stat().st_mtime_ns for p in first_files} == first_files
+    new_groups = Counter({d.name.split("=")[1]: sum(pq.read_metadata(f).num_row_groups for f in d.glob("*.parquet"))
+                          for d in (own / "images").iterdir() if d.is_dir()})
+    assert m2["row_groups"] == dict(Counter(m1["row_groups"]) + new_groups)
 
     # appending the same input again changes nothing
     ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="append")
@@ -372,6 +382,43 @@ def test_append_adds_only_new_files_and_keeps_splits_and_classes(spark, tmp_path
     ingest.run(spark, cfg_with("ingest.allow_new_classes=true"), input_uri=uri(raw), output_uri=uri(out), mode="append")
     assert manifest(out)["classes"] == {"cats": 0, "dogs": 1, "birds": 2}
     assert sorted(r["label_index"] for r in images_rows(out) if r["label"] == "birds") == [2, 2]
+
+
+def test_an_appended_output_is_read_whole_by_the_loader_and_by_scoring(spark, tmp_path):
+    """After incremental appends a split spans several version folders: the training loader (petastorm
+    over the listed files) and scoring's reader each see every stored row exactly once."""
+    from pipeline.contracts import read_manifest, resolve_ingest, split_folders
+    from pipeline.dataset import eval_dataset, split_layout
+    from pipeline.score.driver import read_split
+
+    raw = tmp_path / "raw"
+    out = tmp_path / "out"
+    write_labelled(raw, {"a": 12, "b": 12}, seed=21, size=12)
+    ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    for seed in (22, 23):  # two appends: three folders per split
+        write_labelled(raw, {"a": 8, "b": 8}, seed=seed, size=12)
+        assert ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out),
+                          mode="append")["written"]["accepted"] == 16
+
+    m = read_manifest(uri(out))
+    stored = images_rows(out)
+    assert len(stored) == m["accepted"] == 56 and len({r["image_id"] for r in stored}) == 56
+    data = resolve_ingest(uri(out))
+    spans = {s: len(split_folders(data, s)) for s, n in m["splits"].items() if n}
+    assert max(spans.values()) == 3
+    cfg = cfg_with()
+    for split, n in m["splits"].items():
+        if not n:
+            continue
+        layout = split_layout(uri(out), split)
+        assert layout.num_rows == n and len(layout.folders) == spans[split]
+        ids: List[str] = []
+        for rank in range(2):
+            with eval_dataset(uri(out), cfg, split=split, rank=rank, size=2, batch_size=4, with_ids=True) as d:
+                ids += [b.decode() for batch in d.dataset for b in batch[2].numpy().tolist()]
+        assert sorted(ids) == sorted(r["image_id"] for r in stored if r["split"] == split)
+    scored = read_split(spark, data, "all", m["splits"]).select("image_id", "split").collect()
+    assert sorted((r["image_id"], r["split"]) for r in scored) == sorted((r["image_id"], r["split"]) for r in stored)
 
 
 # --- reliability ------------------------------------------------------------------------
@@ -529,4 +576,7 @@ def test_a_driver_killed_at_each_commit_step_leaves_the_old_version_or_the_new_o
 
     again = ingest.run(spark, cfg_with(*keep), input_uri=uri(raw), output_uri=uri(out), mode=mode)
     assert manifest(out)["files_seen"] == again["files_seen"] == old["files_seen"] + 3
-    assert len(list((out / "_v").iterdir())) == 1 and len(list((out / "_snapshots").iterdir())) == 1
+    assert len(list((out / "_snapshots").iterdir())) == 1
+    listed = {f.path.split("/")[1] for f in committed(filesystem(uri(out)), uri(out)).files}
+    # an append's version lists the folders of the ones before it; nothing unlisted is left behind
+    assert {p.name for p in (out / "_v").iterdir()} == listed and len(listed) == (1 if mode == "overwrite" else 3)

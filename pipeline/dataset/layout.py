@@ -1,6 +1,7 @@
 """One split of an ingest output as petastorm will shard it, checked from Parquet footers only.
 
-:func:`split_layout` lists ``<data>/images/split=<s>/`` through :mod:`pipeline.fs`, reads
+:func:`split_layout` lists the split's folders (``<version>/images/split=<s>/``, and on an
+appended output the earlier versions' folders its snapshot lists) through :mod:`pipeline.fs`, reads
 every file's footer (a few KB each, in parallel threads) with ``pyarrow.parquet`` and
 checks the schema and the row count against the ingest manifest before any reader
 starts. The row groups come out in petastorm's order, because sharding is by position
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, cast
 
-from pipeline.contracts import IMAGES_DIR, IngestManifest, read_manifest, resolve_ingest
+from pipeline.contracts import IMAGES_DIR, IngestManifest, read_manifest, resolve_ingest, split_folders
 from pipeline.errors import DataError
 from pipeline.fs import ArrowFS, filesystem, join, to_uri
 from pipeline.schema import IMAGE_FIELDS, SPLIT_COLUMN, UNLABELED_SPLIT
@@ -32,12 +33,21 @@ class SplitLayout:
     """Files and row groups of one split, in the order petastorm shards them."""
 
     split: str
-    uri: str
+    uri: str  #: the newest folder of the split (what messages name)
     files: Tuple[str, ...]
     #: Rows of every row group, in petastorm's order (files sorted by path, then row groups).
     row_group_rows: Tuple[int, ...]
     #: Rows whose ``label_index`` is null, from the footers' statistics (None = no statistics).
     null_labels: Optional[int] = None
+
+    #: Every folder holding the split's rows (one, unless appends added folders).
+    folders: Tuple[str, ...] = ()
+
+    @property
+    def reader_url(self) -> Any:
+        """What petastorm opens: the folder, or when the split spans several folders the list of
+        its files (petastorm reads a list of file URLs in the order given: sorted by path)."""
+        return self.uri if len(self.folders) <= 1 else list(self.files)
 
     @property
     def num_rows(self) -> int:
@@ -142,21 +152,21 @@ def split_layout(data_uri: str, split: str, *, manifest: Optional[IngestManifest
     data_uri = to_uri(data_uri)
     # Without a session filesystem() serves pyarrow.fs only (or says which scheme it cannot open).
     fs = cast(ArrowFS, filesystem(data_uri))
-    root = resolve_ingest(data_uri, fs).root
-    manifest = manifest if manifest is not None else read_manifest(root, fs)
-    uri = join(root, IMAGES_DIR, f"{SPLIT_COLUMN}={split}")
-    if not fs.exists(uri):
+    data = resolve_ingest(data_uri, fs)
+    manifest = manifest if manifest is not None else read_manifest(data.root, fs)
+    folders = [u for u in split_folders(data, split) if fs.exists(u)]
+    if not folders:
         known = sorted(k for k, v in manifest.splits.items() if v)
         raise DataError(
             f"split '{split}' not found in {data_uri} (no {IMAGES_DIR}/{SPLIT_COLUMN}={split}/; "
             f"this output has: {', '.join(known) or 'no splits'}): pick one of those, "
             "or re-run ingest with ingest.split_fractions giving it a share"
         )
-    files = _parquet_files(fs, uri)
+    files = sorted(f for u in folders for f in _parquet_files(fs, u))
     if not files:
         raise DataError(f"split '{split}' of {data_uri} holds no Parquet files: re-run ingest")
     rows, nulls = _row_groups(files, _footers(fs, files))
-    layout = SplitLayout(split, uri, tuple(files), tuple(rows), nulls)
+    layout = SplitLayout(split, folders[-1], tuple(files), tuple(rows), nulls, tuple(folders))
     expected = manifest.splits.get(split)
     if expected is not None and int(expected) != layout.num_rows:
         raise DataError(

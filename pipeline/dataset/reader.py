@@ -93,7 +93,7 @@ class ReaderSource:
         # The URL, not a pipeline.fs filesystem: petastorm 0.13.1 opens it with the legacy
         # ``pq.ParquetDataset(validate_schema=...)``, which a pyarrow.fs filesystem routes to the new
         # Dataset API, and that refuses the keyword ("'validate_schema' is not yet supported").
-        return make_batch_reader(self.layout.uri, **kwargs)
+        return make_batch_reader(self.layout.reader_url, **kwargs)
 
     def __call__(self) -> Iterator[Tuple[np.ndarray, ...]]:
         passes = itertools.count() if self.passes is None else iter(range(self.passes))

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Tuple
 from pipeline import faults
 from pipeline.commit import check_output_mode, versioned_output
 from pipeline.config import Config, IngestConfig
-from pipeline.contracts import (IMAGES_DIR, QUALITY_EXAMPLES, REJECTS_DIR, IngestManifest, read_manifest, resolve_ingest,
-                                write_manifest)
+from pipeline.contracts import (IMAGES_DIR, QUALITY_EXAMPLES, REJECTS_DIR, IngestManifest, read_manifest, reject_folders,
+                                resolve_ingest, split_folders, write_manifest)
 from pipeline.errors import ConfigError, DataError
 from pipeline.fs import FileSystem, filesystem, join, to_uri
 from pipeline.imaging.clean import ImageOptions
@@ -46,6 +46,8 @@ from pipeline.spark import assert_on_driver, set_job_description, task_slots, te
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
+
+    from pipeline.commit import Committed
 
 __all__ = ["MODES", "run", "check_invariant", "class_mapping", "layout_has_val"]
 
@@ -74,6 +76,10 @@ class _Prior(NamedTuple):
     manifest: IngestManifest
     images: "DataFrame"
     rejects: "DataFrame"
+    data: "Committed"
+    #: The new version lists the prior version's folders and holds only this run's rows (False for an
+    #: output of the earlier layout or one without the quality columns: rewritten whole, once).
+    incremental: bool
 
 
 class _Scan(NamedTuple):
@@ -155,13 +161,31 @@ def _read_prior(job: _Job) -> Optional[_Prior]:
     if not job.committed:
         log.info("--mode append: %s holds no committed output yet, ingesting everything", job.output_uri)
         return None
-    root = resolve_ingest(job.output_uri, spark=job.spark).root
-    manifest = read_manifest(root, spark=job.spark)
+    data = resolve_ingest(job.output_uri, spark=job.spark)
+    manifest = read_manifest(data.root, spark=job.spark)
     if manifest.get("image", {}) != load.image_block(job.cfg):
         raise ConfigError(f"--mode append: ingest.height/width/color_mode/encode_format differ from the existing "
                           f"output ({manifest.get('image')}); use the same settings or --mode overwrite")
-    read = job.spark.read
-    return _Prior(manifest, read.parquet(join(root, IMAGES_DIR)), read.parquet(join(root, REJECTS_DIR)))
+    images = _read_images(job.spark, data, manifest)
+    rejects = job.spark.read.parquet(*reject_folders(data))
+    incremental = data.version is not None and set(STORED_IMAGE_COLUMNS) <= set(images.columns)
+    if not incremental:
+        log.info("--mode append: %s is of an earlier layout: this append rewrites it whole, later ones write only "
+                 "their new files", job.output_uri)
+    return _Prior(manifest, images, rejects, data, incremental)
+
+
+def _read_images(spark: "SparkSession", data: "Committed", manifest: IngestManifest) -> "DataFrame":
+    """Every stored image of version ``data``, each split from the folders its snapshot lists."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    splits = sorted(k for k, v in manifest.splits.items() if v > 0)
+    if not splits:
+        return spark.read.parquet(join(data.root, IMAGES_DIR))
+    return reduce(lambda a, b: a.unionByName(b), [
+        spark.read.parquet(*split_folders(data, s)).withColumn(SPLIT_COLUMN, F.lit(s)) for s in splits])
 
 
 def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, timings: Dict[str, float]) -> _Scan:
@@ -258,7 +282,8 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
 
 def _to_write(resolved: "DataFrame", prior: Optional[_Prior],
               classes: Dict[str, int]) -> Tuple["DataFrame", "DataFrame"]:
-    """``(images, rejects)`` of the whole output: this run's accepted / rejected rows plus the prior ones."""
+    """``(images, rejects)`` to write: this run's accepted / rejected rows, plus the prior ones when the
+    prior output is rewritten (an incremental append lists the prior folders instead)."""
     from pyspark.sql import functions as F
 
     images = (
@@ -268,7 +293,7 @@ def _to_write(resolved: "DataFrame", prior: Optional[_Prior],
         .select(*STORED_IMAGE_COLUMNS)
     )
     rejects = resolved.filter(F.col("reason").isNotNull() & (F.col("reason") != ALREADY_INGESTED)).select(*REJECT_COLUMNS)
-    if prior is not None:
+    if prior is not None and not prior.incremental:
         old = prior.images
         # outputs written before the quality columns existed get them as nulls
         old = old.withColumns({f.name: F.lit(None).cast(f.spark_type) for f in QUALITY_FIELDS
@@ -289,8 +314,11 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
           t0: float) -> Dict[str, Any]:
     """Write to staging, reconcile with the counts, write the manifest, commit; returns the summary."""
     spark, icfg, total = job.spark, job.cfg, out.total
-    n_train = total.splits.get("train", 0)
-    tasks, rows_per_file = load.plan_files(n_train, total.accepted, total.image_bytes, icfg, scan.slots)
+    incremental = prior is not None and prior.incremental
+    # What this version's own folder holds: an incremental append writes only this run's rows.
+    written = out.run if incremental else total
+    n_train = written.splits.get("train", 0)
+    tasks, rows_per_file = load.plan_files(n_train, written.accepted, written.image_bytes, icfg, scan.slots)
     with versioned_output(spark, job.output_uri, info={"stage": "ingest", "files_seen": total.files_seen},
                           retain=icfg.retain_versions) as version:
         staging = version.uri
@@ -307,7 +335,12 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
         t = time.perf_counter()
         set_job_description(spark, "ingest: reconcile")
         staged = filesystem(staging, spark)
-        row_groups = load.reconcile(staged, staging, total.files_seen, total.splits)
+        new_rejects = sum(v for k, v in written.rejected.items() if k != ALREADY_INGESTED)
+        files_written = total.files_seen - (int(prior.manifest.files_seen) if incremental else 0)
+        row_groups = load.reconcile(staged, staging, files_written, {k: v for k, v in written.splits.items() if v})
+        if incremental:
+            row_groups = {s: row_groups.get(s, 0) + int(prior.manifest.row_groups.get(s, 0))
+                          for s in sorted(set(row_groups) | set(prior.manifest.row_groups))}
         timings["reconcile_s"] = round(time.perf_counter() - t, 3)
         load.warn_if_few_row_groups(row_groups, n_train, icfg)
         timings["total_s"] = round(time.perf_counter() - t0, 3)
@@ -318,13 +351,19 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
         manifest["quality"] = out.quality
         staged.write_json(join(staging, QUALITY_EXAMPLES), out.examples)
         write_manifest(staged, staging, manifest)
-        for split, rows in sorted(total.splits.items()):
-            version.add(join(staging, IMAGES_DIR, f"{SPLIT_COLUMN}={split}"), rows, "images")
-        version.add(join(staging, REJECTS_DIR), sum(total.rejected.values()), "rejects")
+        if incremental:  # the prior version's folders stay part of the output
+            for f in prior.data.files:
+                if f.kind in ("images", "rejects"):
+                    version.add(join(prior.data.uri, f.path), f.rows, f.kind)
+        for split, rows in sorted(written.splits.items()):
+            if rows:
+                version.add(join(staging, IMAGES_DIR, f"{SPLIT_COLUMN}={split}"), rows, "images")
+        version.add(join(staging, REJECTS_DIR), new_rejects, "rejects")
         version.info.update({"accepted": total.accepted, "rejected": dict(total.rejected),
                              "splits": dict(total.splits), "mode": job.mode})
     log.info("ingest: committed %s: %d accepted, %d rejected, splits %s, %.0f files/s", job.output_uri,
              total.accepted, sum(total.rejected.values()), manifest["splits"], manifest["images_per_second"])
     return {k: manifest[k] for k in ("files_seen", "accepted", "rejected", "splits", "class_counts", "classes",
                                      "row_groups", "images_per_second", "run", "timings")} | {
-        "output": job.output_uri, "version": version.version, "version_root": staging}
+        "output": job.output_uri, "version": version.version, "version_root": staging,
+        "written": {"accepted": written.accepted, "rejected": new_rejects, "incremental": incremental}}

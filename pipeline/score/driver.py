@@ -16,7 +16,7 @@ from pipeline import faults
 from pipeline.commit import check_output_mode
 from pipeline.config import ScoreConfig
 from pipeline.commit import Committed
-from pipeline.contracts import IngestManifest, IMAGES_DIR, read_manifest, resolve_ingest
+from pipeline.contracts import IngestManifest, read_manifest, resolve_ingest, split_folders
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
 from pipeline.fs import filesystem, is_under, join
 from pipeline.schema import REJECT_COLUMNS, REJECT_FIELDS, SPLIT_COLUMN, SPLITS, UNLABELED_SPLIT, ddl
@@ -65,22 +65,28 @@ def check_overlap(data_uri: str, model_dir: str, output_uri: str) -> None:
             raise ConfigError(f"--output {output_uri} overlaps {flag} {other}: write predictions to a separate folder")
 
 
-def read_split(spark: "SparkSession", data_uri: str, split: str, splits: Mapping[str, int]) -> "DataFrame":
-    """The ingest rows of ``split`` (``all`` = every split), only the columns scoring needs."""
+def read_split(spark: "SparkSession", data: "Committed", split: str, splits: Mapping[str, int]) -> "DataFrame":
+    """The ingest rows of ``split`` (``all`` = every split) of version ``data``, only the columns scoring needs.
+
+    Each split is read from the folders the version's snapshot lists (an appended output
+    spans several), with its name as the ``split`` column.
+    """
+    from functools import reduce
+
     from pyspark.sql import functions as F
 
     available = {k: v for k, v in splits.items() if v > 0}
     if split != "all" and split not in available:
         have = ", ".join(f"{k}={v}" for k, v in sorted(available.items())) or "nothing"
-        raise DataError(f"split {split!r} of {data_uri} holds no images (it has: {have}): "
+        raise DataError(f"split {split!r} of {data.uri} holds no images (it has: {have}): "
                         "pass --split with one of those, or --split all")
     if not available:
-        raise DataError(f"{data_uri} holds no images: nothing to score")
-    images = join(data_uri, IMAGES_DIR)
-    df = spark.read.option("basePath", images).parquet(images)
-    if split != "all":
-        df = df.filter(F.col(SPLIT_COLUMN) == split)
-    return df.select(*_INPUT_COLUMNS)
+        raise DataError(f"{data.uri} holds no images: nothing to score")
+    frames = []
+    for s in sorted(available) if split == "all" else [split]:
+        df = spark.read.parquet(*split_folders(data, s)).withColumn(SPLIT_COLUMN, F.lit(s))
+        frames.append(df.select(*_INPUT_COLUMNS))
+    return reduce(lambda a, b: a.unionByName(b), frames)
 
 
 def check_inputs(spark: "SparkSession", *, data_uri: str, model_uri: str, output_uri: str, split: str,
@@ -92,7 +98,7 @@ def check_inputs(spark: "SparkSession", *, data_uri: str, model_uri: str, output
     data = resolve_ingest(data_uri, spark=spark, version=data_version)
     manifest = read_manifest(data.root, spark=spark)
     check_compatible(model, manifest, data_uri)
-    df = read_split(spark, data.root, split, manifest.splits)
+    df = read_split(spark, data, split, manifest.splits)
     driver_file = driver_model_file(model_fs, model)
     check_model_file(driver_file, model)
     return Inputs(model, driver_file, manifest, df, data)
