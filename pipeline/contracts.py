@@ -15,7 +15,7 @@ docs/contracts.md documents the fields.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,7 +23,7 @@ from pipeline.errors import DataError
 from pipeline.fs import FileSystem, filesystem, join, parent_and_name, to_uri
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
     from pipeline.commit import Committed
 
@@ -201,6 +201,19 @@ def split_folders(data: "Committed", split: str) -> List[str]:
         return [join(data.root, suffix)]
     return [join(data.uri, f.path) for f in data.files
             if f.kind == "images" and f.rows > 0 and (f.path == suffix or f.path.endswith("/" + suffix))]
+
+
+def read_split_images(spark: "SparkSession", data: "Committed", splits: Sequence[str]) -> "DataFrame":
+    """The stored images of ``splits`` (each with rows) of version ``data`` as one DataFrame: each
+    split read from the folders :func:`split_folders` names, with its name as the ``split`` column."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    from pipeline.schema import SPLIT_COLUMN
+
+    return reduce(lambda a, b: a.unionByName(b), [
+        spark.read.parquet(*split_folders(data, s)).withColumn(SPLIT_COLUMN, F.lit(s)) for s in splits])
 
 
 def reject_folders(data: "Committed") -> List[str]:

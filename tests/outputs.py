@@ -24,7 +24,7 @@ def _listed(out: Union[str, Path], kind: str):
     found = committed(filesystem(u), u)
     assert found is not None, f"{out} holds no committed version"
     if not any(f.kind == kind for f in found.files):  # the earlier layout
-        return [(Path(found.root[len("file://"):]) / ("images" if kind == "images" else "rejects"), None)]
+        return [(Path(local_path(found.root)) / ("images" if kind == "images" else "rejects"), None)]
     rows = []
     for f in found.files:
         if f.kind == kind and (f.rows > 0 or kind == "rejects"):  # a split of no rows has no folder

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Tuple
 from pipeline import faults
 from pipeline.commit import check_output_mode, versioned_output
 from pipeline.config import Config, IngestConfig
-from pipeline.contracts import (IMAGES_DIR, QUALITY_EXAMPLES, REJECTS_DIR, IngestManifest, read_manifest, reject_folders,
-                                resolve_ingest, split_folders, write_manifest)
+from pipeline.contracts import (IMAGES_DIR, QUALITY_EXAMPLES, REJECTS_DIR, IngestManifest, read_manifest,
+                                read_split_images, reject_folders, resolve_ingest, write_manifest)
 from pipeline.errors import ConfigError, DataError
 from pipeline.fs import FileSystem, filesystem, join, to_uri
 from pipeline.imaging.clean import ImageOptions
@@ -177,15 +177,10 @@ def _read_prior(job: _Job) -> Optional[_Prior]:
 
 def _read_images(spark: "SparkSession", data: "Committed", manifest: IngestManifest) -> "DataFrame":
     """Every stored image of version ``data``, each split from the folders its snapshot lists."""
-    from functools import reduce
-
-    from pyspark.sql import functions as F
-
     splits = sorted(k for k, v in manifest.splits.items() if v > 0)
     if not splits:
         return spark.read.parquet(join(data.root, IMAGES_DIR))
-    return reduce(lambda a, b: a.unionByName(b), [
-        spark.read.parquet(*split_folders(data, s)).withColumn(SPLIT_COLUMN, F.lit(s)) for s in splits])
+    return read_split_images(spark, data, splits)
 
 
 def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, timings: Dict[str, float]) -> _Scan:

@@ -16,7 +16,7 @@ from pipeline import faults
 from pipeline.commit import check_output_mode
 from pipeline.config import ScoreConfig
 from pipeline.commit import Committed
-from pipeline.contracts import IngestManifest, read_manifest, resolve_ingest, split_folders
+from pipeline.contracts import IngestManifest, read_manifest, read_split_images, resolve_ingest
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
 from pipeline.fs import filesystem, is_under, join
 from pipeline.schema import REJECT_COLUMNS, REJECT_FIELDS, SPLIT_COLUMN, SPLITS, UNLABELED_SPLIT, ddl
@@ -71,10 +71,6 @@ def read_split(spark: "SparkSession", data: "Committed", split: str, splits: Map
     Each split is read from the folders the version's snapshot lists (an appended output
     spans several), with its name as the ``split`` column.
     """
-    from functools import reduce
-
-    from pyspark.sql import functions as F
-
     available = {k: v for k, v in splits.items() if v > 0}
     if split != "all" and split not in available:
         have = ", ".join(f"{k}={v}" for k, v in sorted(available.items())) or "nothing"
@@ -82,11 +78,7 @@ def read_split(spark: "SparkSession", data: "Committed", split: str, splits: Map
                         "pass --split with one of those, or --split all")
     if not available:
         raise DataError(f"{data.uri} holds no images: nothing to score")
-    frames = []
-    for s in sorted(available) if split == "all" else [split]:
-        df = spark.read.parquet(*split_folders(data, s)).withColumn(SPLIT_COLUMN, F.lit(s))
-        frames.append(df.select(*_INPUT_COLUMNS))
-    return reduce(lambda a, b: a.unionByName(b), frames)
+    return read_split_images(spark, data, sorted(available) if split == "all" else [split]).select(*_INPUT_COLUMNS)
 
 
 def check_inputs(spark: "SparkSession", *, data_uri: str, model_uri: str, output_uri: str, split: str,
