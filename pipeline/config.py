@@ -136,6 +136,12 @@ class IngestConfig(_Section):
     #: Committed versions of the output kept (a reader of one keeps reading it while newer ones
     #: commit); the writer removes older ones after its commit.
     retain_versions: int = Field(2, ge=1, le=1000)
+    #: On append, files stored in the output and not modified since the previous ingest of the
+    #: same input listed it are ``already_ingested`` without being read (false: read every file).
+    skip_unchanged: bool = True
+    #: Clock skew allowed between the driver and the storage's modification times: a file counts as
+    #: unchanged only when modified more than this many seconds before the previous listing.
+    unchanged_margin_s: int = Field(300, ge=0)
 
     @field_validator("near_duplicates", mode="before")
     @classmethod

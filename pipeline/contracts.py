@@ -126,6 +126,8 @@ class IngestManifest(_Contract):
     stats: Dict[str, Any] = Field(default_factory=dict)
     row_groups: Dict[str, int] = Field(default_factory=dict)
     config: Dict[str, Any] = Field(default_factory=dict)
+    #: Per input URI, when its latest ingest started listing (UTC ISO 8601; absent in earlier outputs).
+    listed_at: Dict[str, str] = Field(default_factory=dict)
 
     def class_order(self) -> Tuple[str, ...]:
         """Class names in index order."""

@@ -74,7 +74,8 @@ def ordered_ids(out: Path) -> Dict[str, List[str]]:
 
 
 def comparable(m: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in m.items() if k not in ("timings", "images_per_second", "output_uri", "row_groups")}
+    return {k: v for k, v in m.items()
+            if k not in ("timings", "images_per_second", "output_uri", "row_groups", "listed_at")}
 
 
 # --- the corpus, ingested once -------------------------------------------------------
@@ -349,7 +350,8 @@ def test_append_adds_only_new_files_and_keeps_splits_and_classes(spark, tmp_path
     assert len(after) == len(before) + 3
     m2 = manifest(out)
     assert m2["classes"] == m1["classes"] == {"cats": 0, "dogs": 1}
-    assert s["run"] == {"files_seen": 18, "accepted": 3, "already_ingested": 13,
+    # every file was modified within ingest.unchanged_margin_s of the first listing: all are read
+    assert s["run"] == {"files_seen": 18, "accepted": 3, "already_ingested": 13, "files_read": 18,
                         "rejected": {"already_ingested": 13, "duplicate": 1, "label_conflict": 1}}
     assert m2["files_seen"] == first["files_seen"] + 5 == m2["accepted"] + sum(m2["rejected"].values())
     assert m2["rejected"] == {"empty": 1, "duplicate": 1, "label_conflict": 1}
@@ -382,6 +384,56 @@ def test_append_adds_only_new_files_and_keeps_splits_and_classes(spark, tmp_path
     ingest.run(spark, cfg_with("ingest.allow_new_classes=true"), input_uri=uri(raw), output_uri=uri(out), mode="append")
     assert manifest(out)["classes"] == {"cats": 0, "dogs": 1, "birds": 2}
     assert sorted(r["label_index"] for r in images_rows(out) if r["label"] == "birds") == [2, 2]
+
+
+def test_append_reads_only_the_files_new_or_modified_since_the_last_listing(spark, tmp_path):
+    """Stored files older than the previous listing are already_ingested without being read: one
+    overwritten in place with junk (its old mtime kept) still counts as ingested. New files that
+    arrive with old mtimes (cp -p, rsync -a) and modified files are read; counts add up."""
+    import time
+
+    def age(*paths: Path) -> None:
+        old = time.time() - 86_400
+        for p in paths:
+            os.utime(p, (old, old))
+
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"cats": 6, "dogs": 6}, seed=1, size=12)
+    (raw / "cats" / "empty.png").write_bytes(b"")
+    age(*[p for p in raw.rglob("*") if p.is_file()])
+    out = tmp_path / "out"
+    first = ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    assert first["run"]["files_read"] == 13 and set(manifest(out)["listed_at"]) == {uri(raw)}
+
+    victim = raw / "dogs" / "img_1_000.png"
+    victim.write_bytes(b"junk, not a PNG")
+    age(victim)
+    new = [raw / rel for rel in write_labelled(raw, {"cats": 2}, seed=2, size=12)]
+    (raw / "dogs" / "new_empty.png").write_bytes(b"")
+    (raw / "dogs" / "huge.png").write_bytes(b"\0" * (1024 * 1024 + 1))
+    age(*new, raw / "dogs" / "new_empty.png", raw / "dogs" / "huge.png")
+    modified = raw / "cats" / "img_1_001.png"
+    modified.write_bytes(png_bytes(noise(777, 12, 12)))
+    s = ingest.run(spark, cfg_with("ingest.max_file_mb=1"), input_uri=uri(raw), output_uri=uri(out), mode="append")
+    # read: the 2 new files and the modified one; 11 stored files and the stored empty one are not
+    assert s["run"] == {"files_seen": 17, "accepted": 3, "already_ingested": 12, "files_read": 3,
+                        "rejected": {"already_ingested": 12, "empty": 1, "file_too_large": 1}}
+    m = manifest(out)
+    assert m["files_seen"] == 13 + 5 == m["accepted"] + sum(m["rejected"].values())
+    assert {rel(r["source_path"], raw) for r in rejects_rows(out) if r["reason"] == "empty"} == {
+        "cats/empty.png", "dogs/new_empty.png"}
+    stored = Counter(rel(r["source_path"], raw) for r in images_rows(out))
+    assert stored["cats/img_2_000.png"] == stored["cats/img_2_001.png"] == 1
+    assert stored["cats/img_1_001.png"] == 2  # its first bytes and its new ones
+    assert stored["dogs/img_1_000.png"] == 1  # the junk was never read
+    assert s["timings"]["unchanged_s"] > 0
+
+    # ingest.skip_unchanged=false reads every file: the junk is found
+    s = ingest.run(spark, cfg_with("ingest.skip_unchanged=false"), input_uri=uri(raw), output_uri=uri(out),
+                   mode="append")
+    assert s["run"]["files_read"] == 17
+    assert [r["reason"] for r in rejects_rows(out) if rel(r["source_path"], raw) == "dogs/img_1_000.png"] == [
+        "not_an_image"]
 
 
 def test_an_appended_output_is_read_whole_by_the_loader_and_by_scoring(spark, tmp_path):

@@ -5,9 +5,10 @@
 * **check args** and **read the prior manifest** (``--mode append``: :func:`pipeline.contracts.read_manifest`);
 * **extract** (:mod:`.extract`, :mod:`.layout`) - Spark's ``binaryFile`` source lists the
   input recursively (every file is counted, non-images become reject rows); files above
-  ``ingest.max_file_mb`` are rejected on their listed length without being read; the
-  per-image ``mapInPandas`` step hashes, places (:func:`.layout.place`) and cleans every
-  file (:func:`pipeline.imaging.clean.clean_image`);
+  ``ingest.max_file_mb`` are rejected on their listed length without being read; on append,
+  files stored and not modified since the previous listing are ``already_ingested`` without
+  being read (:mod:`.unchanged`); the per-image ``mapInPandas`` step hashes, places
+  (:func:`.layout.place`) and cleans every other file (:func:`pipeline.imaging.clean.clean_image`);
 * **transform** (:mod:`.transform`) - labels from a CSV, files already in the output,
   duplicates and label conflicts by content hash;
 * **account** (:mod:`.accounting`) - one aggregation gives every count; a lost file fails
@@ -38,7 +39,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.fs import FileSystem, filesystem, join, to_uri
 from pipeline.imaging.clean import ImageOptions
 from pipeline.imaging.reasons import ALREADY_INGESTED
-from pipeline.ingest import accounting, extract, layout, load, quality, transform
+from pipeline.ingest import accounting, extract, layout, load, quality, transform, unchanged
 from pipeline.ingest.accounting import check_invariant, class_mapping
 from pipeline.ingest.layout import layout_has_val
 from pipeline.schema import QUALITY_FIELDS, REJECT_COLUMNS, SPLIT_COLUMN, STORED_IMAGE_COLUMNS
@@ -89,6 +90,8 @@ class _Scan(NamedTuple):
     rows: "DataFrame"
     carved: bool  #: val is carved out of the layout's train/ (no val/ folder)
     slots: int  #: task slots the scan and the write are sized for
+    listed_at: str  #: when the listing started (the next append's cutoff, :mod:`.unchanged`)
+    skip: Optional[unchanged.Plan]  #: on append: the files decided without reading them
 
 
 class _Outputs(NamedTuple):
@@ -188,20 +191,47 @@ def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, tim
     spark, icfg = job.spark, job.cfg
     t = time.perf_counter()
     set_job_description(spark, f"ingest: list {job.input_uri}")
+    started = unchanged.listed_at()
     listing = extract.list_input(spark, job.input_uri)
     timings["list_s"] = round(time.perf_counter() - t, 3)
     log.info("ingest: %d files under %s (%.1fs)", listing.files_seen, job.input_uri, timings["list_s"])
     if listing.files_seen == 0:
         raise DataError(f"no files under {job.input_uri} (files whose names start with '.' or '_' are hidden from Spark)")
     slots = task_slots(spark)
+    # sized for every listed file (an append's pass over the listing), then for the files read
     held.enter_context(temporary_confs(
         spark, extract.scan_confs(listing.files_seen, listing.input_bytes, slots, icfg.batch_rows)))
+    skip = _skip_plan(job, prior, listing, held, timings)
+    if skip is not None:
+        held.enter_context(temporary_confs(
+            spark, extract.scan_confs(skip.files, skip.bytes, slots, icfg.batch_rows)))
     carve = _carve(job, prior)
     fn = extract.clean_batches(ImageOptions.from_config(icfg), root_uri=job.input_uri, label_source=icfg.label_source,
                                fractions=icfg.split_fractions, seed=icfg.seed, carve=carve, fault=job.fault)
-    processed = extract.scanned(listing.raw, fn, max_bytes=icfg.max_file_mb * 1024 * 1024).unionByName(
-        extract.too_large_files(listing.raw, max_file_mb=icfg.max_file_mb), allowMissingColumns=True)
-    return _Scan(listing, processed, carve is not None, slots)
+    max_bytes = icfg.max_file_mb * 1024 * 1024
+    processed = extract.scanned(unchanged.reads(listing.raw, skip), fn, max_bytes=max_bytes).unionByName(
+        extract.too_large_files(listing.raw, max_file_mb=icfg.max_file_mb, listed=skip.listed if skip else None),
+        allowMissingColumns=True)
+    return _Scan(listing, processed, carve is not None, slots, started, skip)
+
+
+def _skip_plan(job: _Job, prior: Optional[_Prior], listing: extract.Listing, held: contextlib.ExitStack,
+               timings: Dict[str, float]) -> Optional[unchanged.Plan]:
+    """On append after an ingest of the same input: the files not to read (:mod:`.unchanged`), else None."""
+    from pyspark import StorageLevel
+
+    if prior is None:
+        return None
+    at = unchanged.cutoff(job.cfg, prior.manifest.listed_at, job.input_uri)
+    if at is None:
+        return None
+    t = time.perf_counter()
+    set_job_description(job.spark, "ingest: find the files unchanged since the last ingest")
+    stored = prior.images.select("source_path").unionByName(prior.rejects.select("source_path"))
+    skip = unchanged.plan(extract.listed_files(listing.raw), stored, at, max_bytes=job.cfg.max_file_mb * 1024 * 1024,
+                          persist=lambda df: _persisted(held, df, StorageLevel.MEMORY_AND_DISK))
+    timings["unchanged_s"] = round(time.perf_counter() - t, 3)
+    return skip
 
 
 def _carve(job: _Job, prior: Optional[_Prior]) -> Optional[Dict[str, float]]:
@@ -248,12 +278,15 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
                                           rows_at_most=listing.files_seen + (prior.manifest.accepted if prior else 0))
     timings["near_dups_s"] = round(time.perf_counter() - t, 3)  # includes the scan, which it runs first
     groups = accounting.group_counts(resolved)
+    if scan.skip is not None:  # the files not read are only counted
+        groups.append(accounting.counted_group(ALREADY_INGESTED, scan.skip.unchanged))
     scanned = sum(g["n"] for g in groups)
     if scanned < listing.files_seen:
         # Spark's scan skips zero-byte files: only now, and only when some are missing, the
         # listing is compared with the scanned paths (one path-only pass, no content read).
         log.info("ingest: %d listed files never reach the scan (0 bytes)", listing.files_seen - scanned)
-        unscanned = extract.unscanned_files(spark, listing).transform(_per_file, job, prior)
+        unscanned = extract.unscanned_files(spark, listing, unchanged.listing_of(scan.skip)).transform(
+            _per_file, job, prior)
         unscanned = _persisted(held, unscanned.select(
             *[F.col(c) if c in unscanned.columns else F.lit(None).cast(resolved.schema[c].dataType).alias(c)
               for c in resolved.columns]), StorageLevel.MEMORY_AND_DISK)
@@ -342,7 +375,8 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
         manifest = load.build_manifest(
             cfg=icfg, prior=prior.manifest if prior else None, input_uri=job.input_uri, output_uri=job.output_uri,
             mode=job.mode, carved=scan.carved, total=total, run=out.run, files_seen=scan.listing.files_seen,
-            row_groups=row_groups, timings=timings)
+            files_read=scan.skip.files if scan.skip else None, listed_at=scan.listed_at, row_groups=row_groups,
+            timings=timings)
         manifest["quality"] = out.quality
         staged.write_json(join(staging, QUALITY_EXAMPLES), out.examples)
         write_manifest(staged, staging, manifest)

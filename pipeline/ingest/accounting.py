@@ -43,6 +43,15 @@ def group_counts(df: "DataFrame") -> List["Row"]:
     )
 
 
+def counted_group(reason: str, n: int) -> "Row":
+    """A :func:`group_counts` row for ``n`` files rejected with ``reason`` and known only by their count."""
+    from pyspark.sql import Row
+
+    fields = {"reason": reason, "split": None, "label": None, "n": n, "bytes": None,
+              **dict.fromkeys(STAT_COLS), "npix": None, **{f"flag_{f}": 0 for f in FLAGS}}
+    return Row(**fields)
+
+
 def flag_counts(groups: Sequence["Row"]) -> Dict[str, Dict[str, int]]:
     """``{split: {flag: images}}`` of the accepted rows, from :func:`group_counts` (splits with a flag only)."""
     out: Dict[str, Dict[str, int]] = {}

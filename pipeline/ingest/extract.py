@@ -6,7 +6,9 @@
 * :func:`clean_batches` - the per-image ``mapInPandas`` function (hash, place, clean);
 * :func:`scanned` - the files read and cleaned (files above ``ingest.max_file_mb`` never read);
 * :func:`too_large_files` and :func:`unscanned_files` - reject rows for the files the scan
-  does not clean (too large) or never yields (zero bytes).
+  does not clean (too large) or never yields (zero bytes);
+* :func:`listed_files` - each listed file's path, modification time and size from the file
+  index (nothing read), for an append's decision of what to read (:mod:`.unchanged`).
 """
 from __future__ import annotations
 
@@ -167,6 +169,27 @@ def norm_source_col(c: "Column") -> "Column":
     return F.regexp_replace(c, r"^file:/(?!/)", "file:///")
 
 
+def decoded_source_col(c: "Column") -> "Column":
+    """A URI-encoded path (the file index's form) as a ``source_path`` (``+`` is literal in a URI path)."""
+    from pyspark.sql import functions as F
+
+    return norm_source_col(F.call_function("reflect", F.lit("java.net.URLDecoder"), F.lit("decode"),
+                                           F.replace(c, F.lit("+"), F.lit("%2B")), F.lit("UTF-8")))
+
+
+def listed_files(raw: "DataFrame") -> "DataFrame":
+    """One row per listed non-empty file: ``file_path`` (the encoded form the scan's pushed filters
+    compare), ``source_path``, ``mtime`` and ``size``, all from the file index's own listing."""
+    from pyspark.sql import functions as F
+
+    return raw.select(
+        F.col("_metadata.file_path").alias("file_path"),
+        decoded_source_col(F.col("_metadata.file_path")).alias("source_path"),
+        F.col("_metadata.file_modification_time").alias("mtime"),
+        F.col("_metadata.file_size").alias("size"),
+    )
+
+
 def scanned(raw: "DataFrame", fn: Callable[..., Any], *, max_bytes: int) -> "DataFrame":
     """The files at most ``max_bytes`` long, read and cleaned by ``fn`` (:func:`clean_batches`)."""
     from pyspark.sql import functions as F
@@ -178,18 +201,21 @@ def scanned(raw: "DataFrame", fn: Callable[..., Any], *, max_bytes: int) -> "Dat
     )
 
 
-def too_large_files(raw: "DataFrame", *, max_file_mb: int) -> "DataFrame":
-    """Reject rows (``file_too_large``) for files above ``max_file_mb``, from their listed length."""
+def too_large_files(raw: "DataFrame", *, max_file_mb: int, listed: Optional["DataFrame"] = None) -> "DataFrame":
+    """Reject rows (``file_too_large``) for files above ``max_file_mb``, from their listed length
+    (``listed``: a :func:`listed_files` frame already at hand, instead of a pass over ``raw``)."""
     from pyspark.sql import functions as F
 
+    files = (raw.select(norm_source_col(F.col("path")).alias("source_path"), "length") if listed is None
+             else listed.select("source_path", F.col("size").alias("length")))
     return (
         # Not pushed into the scan on purpose: a pushed filter that drops thousands of files in a
         # row makes Spark's FileScanRDD recurse once per skipped file (StackOverflowError seen
         # with 10,000 files per partition). Without content in the projection nothing is read.
-        raw.select("path", "length")
+        files
         .filter(F.greatest(F.col("length"), F.lit(0)) > max_file_mb * 1024 * 1024)
         .select(
-            norm_source_col(F.col("path")).alias("source_path"),
+            "source_path",
             F.lit(None).cast("string").alias("image_id"),
             F.lit(None).cast("string").alias("label"),
             F.lit(None).cast("string").alias("split"),
@@ -200,11 +226,12 @@ def too_large_files(raw: "DataFrame", *, max_file_mb: int) -> "DataFrame":
     )
 
 
-def unscanned_files(spark: "SparkSession", listing: Listing) -> "DataFrame":
+def unscanned_files(spark: "SparkSession", listing: Listing, seen: Optional["DataFrame"] = None) -> "DataFrame":
     """Reject rows (``empty``) for files the file index lists but the scan never yields.
 
     Built in the JVM from the index's own array (nothing crosses to Python); the index
-    gives URI-encoded paths, decoded here (``+`` is literal in a URI path, so it is kept).
+    gives URI-encoded paths, decoded here. ``seen`` (a ``source_path`` column of the
+    non-empty files, e.g. from :func:`listed_files`) saves a path-only pass over the input.
     """
     from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
@@ -212,10 +239,9 @@ def unscanned_files(spark: "SparkSession", listing: Listing) -> "DataFrame":
     jvm = spark.sparkContext._jvm  # noqa: SLF001
     jds = spark._jsparkSession.createDataset(  # noqa: SLF001
         jvm.scala.collection.immutable.ArraySeq.unsafeWrapArray(listing.files), jvm.org.apache.spark.sql.Encoders.STRING())
-    listed = DataFrame(jds.toDF(), spark).select(
-        norm_source_col(F.expr("reflect('java.net.URLDecoder', 'decode', replace(value, '+', '%2B'), 'UTF-8')"))
-        .alias("source_path"))
-    scanned_paths = listing.raw.select(norm_source_col(F.col("path")).alias("source_path"))
+    listed = DataFrame(jds.toDF(), spark).select(decoded_source_col(F.col("value")).alias("source_path"))
+    scanned_paths = (seen if seen is not None
+                     else listing.raw.select(norm_source_col(F.col("path")).alias("source_path")))
     return listed.join(scanned_paths, "source_path", how="left_anti").select(
         "source_path",
         F.lit(imc.image_id(b"")).alias("image_id"),

@@ -128,8 +128,10 @@ def image_block(cfg: IngestConfig) -> Dict[str, Any]:
 
 def build_manifest(*, cfg: IngestConfig, prior: Optional["IngestManifest"], input_uri: str, output_uri: str,
                    mode: str, carved: bool, total: Totals, run: RunCounts, files_seen: int,
-                   row_groups: Mapping[str, int], timings: Mapping[str, float]) -> Dict[str, Any]:
-    """``_manifest.json``'s fields (docs/contracts.md); ``files_seen`` is this run's listing."""
+                   files_read: Optional[int], listed_at: str, row_groups: Mapping[str, int],
+                   timings: Mapping[str, float]) -> Dict[str, Any]:
+    """``_manifest.json``'s fields (docs/contracts.md); ``files_seen`` is this run's listing,
+    ``files_read`` the files whose bytes it read (None: all), ``listed_at`` when it started."""
     manifest = {
         "version": MANIFEST_VERSION,
         "input_uri": input_uri,
@@ -150,7 +152,10 @@ def build_manifest(*, cfg: IngestConfig, prior: Optional["IngestManifest"], inpu
         "run": {
             "files_seen": files_seen, "accepted": run.accepted,
             "rejected": dict(sorted(run.rejected.items())), "already_ingested": total.already_ingested,
+            "files_read": files_seen if files_read is None else files_read,
         },
+        # per input URI: when its latest ingest started listing (an append's cutoff, pipeline.ingest.unchanged)
+        "listed_at": {**(dict(prior.listed_at) if prior else {}), input_uri: listed_at},
         "appends": (int(prior.get("appends", 0)) + 1) if prior else 0,
         "timings": dict(timings),
         "images_per_second": round(files_seen / max(timings["total_s"], 1e-9), 2),
