@@ -29,6 +29,8 @@ _RUNNERS = {"run": "pipeline.chain"}
 #: Values of ``pixelmill score --split``: one split of an ingest output, or ``all``.
 #: The Airflow DAG's ``score_split`` param reads them from the parser (pipeline.orchestration).
 SPLIT_CHOICES = ("train", "val", "test", "unlabeled", "all")
+#: Values of ``pixelmill score --mode`` (``pipeline.score.driver.MODE_CHOICES``).
+SCORE_MODES = ("error", "overwrite", "append")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +93,7 @@ def build_parser(stage: str, prog: Optional[str] = None) -> argparse.ArgumentPar
         p.add_argument("--model", required=True, help="a training --model-dir or its model/")
         p.add_argument("--output", required=True, help="where predictions/ and _metrics.json go")
         _split_flag(p, "split to score (default: test)")
-        p.add_argument("--mode", default="error", choices=["error", "overwrite"])
+        p.add_argument("--mode", default="error", choices=list(SCORE_MODES))
     elif stage == "run":
         p.add_argument("--input", required=True, help="raw images, as ingest --input takes them")
         p.add_argument("--output-root", required=True,

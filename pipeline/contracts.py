@@ -218,11 +218,23 @@ def read_split_images(spark: "SparkSession", data: "Committed", splits: Sequence
         spark.read.parquet(*split_folders(data, s)).withColumn(SPLIT_COLUMN, F.lit(s)) for s in splits])
 
 
+def listed_folders(data: "Committed", kind: str, default: str) -> List[str]:
+    """The folders of ``kind`` version ``data``'s snapshot lists (an appended version lists earlier
+    versions' folders too), oldest first; ``<root>/<default>`` for a version that lists none."""
+    if not any(f.kind == kind for f in data.files):
+        return [join(data.root, default)]
+    return [join(data.uri, f.path) for f in data.files if f.kind == kind]
+
+
+def prediction_folders(scores: "Committed") -> List[str]:
+    """The folders holding the predictions of score version ``scores`` (``score --mode append``
+    writes only its new rows and lists the earlier folders)."""
+    return listed_folders(scores, "predictions", PREDICTIONS_DIR)
+
+
 def reject_folders(data: "Committed") -> List[str]:
     """The folders holding the rejects of version ``data`` (see :func:`split_folders`)."""
-    if not any(f.kind == "rejects" for f in data.files):
-        return [join(data.root, REJECTS_DIR)]
-    return [join(data.uri, f.path) for f in data.files if f.kind == "rejects"]
+    return listed_folders(data, "rejects", REJECTS_DIR)
 
 
 def read_manifest(data_uri: str, fs: Optional[FileSystem] = None, *,

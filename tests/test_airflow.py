@@ -234,6 +234,7 @@ def test_score_renders_every_split_the_cli_accepts():
 def test_score_stage_checks_the_same_split_choices():
     score = pytest.importorskip("pipeline.score", reason="the score stage has not landed yet")
     assert score.SPLIT_CHOICES == cli.SPLIT_CHOICES
+    assert score.MODE_CHOICES == cli.SCORE_MODES
 
 
 def test_dag_score_split_param_offers_the_cli_choices(parsed):

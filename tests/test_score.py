@@ -370,9 +370,48 @@ def test_existing_output_is_refused_unless_overwrite(spark, cfg, data, model_dir
 
     _, out = scored_all
     before = sorted((version_dir(out) / "predictions").rglob("*.parquet"))
-    with pytest.raises(OutputExistsError, match=r"already exists: pass --mode overwrite to replace it$"):
+    with pytest.raises(OutputExistsError, match=r"already exists: pass --mode overwrite to replace it, or --mode append"):
         score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="error")
     assert sorted((version_dir(out) / "predictions").rglob("*.parquet")) == before
+
+
+def test_append_scores_only_rows_without_a_prediction_and_metrics_cover_them_all(spark, cfg, model_dir, tmp_path):
+    """Nightly scoring of a grown dataset: only the new rows are predicted; the version lists the
+    earlier predictions; metrics equal those of scoring everything at once."""
+    from pipeline import score
+    from pipeline.contracts import prediction_folders, resolve_scores
+
+    small = write_ingest_output(spark, tmp_path / "d1", split_sizes={"test": 9}, seed=3)
+    grown = write_ingest_output(spark, tmp_path / "d2", split_sizes={"test": 15}, seed=3)  # the same 9 + 6 new
+    out = "file://" + str(tmp_path / "scores")
+    run = dict(model_uri=model_dir, output_uri=out, split="test")
+    s1 = score.run(spark, cfg, data_uri=small, mode="append", **run)  # nothing committed yet: every row
+    assert s1["written"] == {"predictions": 9, "rejected": 0, "incremental": False}
+    first = {p: p.stat().st_mtime_ns for p in (version_dir(out) / "predictions").rglob("*.parquet")}
+
+    s2 = score.run(spark, cfg, data_uri=grown, mode="append", **run)
+    assert s2["written"] == {"predictions": 6, "rejected": 0, "incremental": True}
+    assert (s2["rows"], s2["rows_in"], s2["rejected"]) == (15, 15, 0)
+    own = Path(s2["version_root"][len("file://"):]) / "predictions"
+    assert spark.read.parquet(str(own)).count() == 6
+    assert {p: p.stat().st_mtime_ns for p in first} == first  # the first predictions stay where they were
+    assert len(prediction_folders(resolve_scores(out))) == 2
+    got = score.read_predictions(spark, out).toPandas()
+    full_out = "file://" + str(tmp_path / "full")
+    full = score.run(spark, cfg, data_uri=grown, model_uri=model_dir, output_uri=full_out, split="test", mode="error")
+    want = predictions(spark, full_out)
+    assert sorted(got["image_id"]) == sorted(want["image_id"])  # each row once
+    assert s2["metrics"] == full["metrics"]
+    assert json.loads((version_dir(out) / "_metrics.json").read_text())["confusion_matrix"] == \
+        json.loads((version_dir(full_out) / "_metrics.json").read_text())["confusion_matrix"]
+
+    # nothing new: a version with the same rows and metrics
+    s3 = score.run(spark, cfg, data_uri=grown, mode="append", **run)
+    assert s3["written"]["predictions"] == 0 and s3["rows"] == 15 and s3["metrics"] == full["metrics"]
+    # another split or model cannot extend these predictions
+    with pytest.raises(ConfigError, match=r"holds split 'test', this run has 'all'"):
+        score.run(spark, cfg, data_uri=grown, model_uri=model_dir, output_uri=out, split="all", mode="append")
+    assert resolve_scores(out).version == s3["version"]
 
 
 def _set_fault(spark, value: Optional[str]) -> None:
@@ -546,7 +585,7 @@ def test_cli_rejects_bad_arguments_in_one_line_before_spark_starts(tmp_path, rep
     for extra, needle in ((["--split", "bogus"], "--split must be one of"),
                           (["--set", "score.top_k=0"], "'score.top_k'"),
                           (["--set", "score.partition_by=image_id"], "'score.partition_by'"),
-                          (["--mode", "append"], "invalid choice: 'append'")):
+                          (["--mode", "resume"], "invalid choice: 'resume'")):
         res = subprocess.run(base + extra, capture_output=True, text=True, cwd=repo_root, timeout=120)
         assert res.returncode == 2, res.stderr
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

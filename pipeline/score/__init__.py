@@ -15,6 +15,10 @@
    exist, ``_metrics.json`` + ``confusion_matrix.png`` computed with Spark aggregations
    (:mod:`pipeline.score.metrics`), all inside :func:`pipeline.commit.versioned_output`: a
    failed or killed run leaves nothing at ``<out>``, a rerun never mixes in debris.
+   ``--mode append`` scores only the rows without a prediction or reject (by ``image_id``)
+   in the committed output, of the same model and split; its version lists the earlier
+   versions' prediction folders (:func:`pipeline.contracts.prediction_folders`) and its
+   metrics cover them all.
 
 Every input row is accounted for: it is either a prediction or, when its stored bytes
 cannot be decoded to the model's image size (corrupt or planted data), a row of
@@ -38,9 +42,9 @@ from pipeline.score.worker import PREDICTION_COLUMNS, PREDICTION_FIELDS
 from pipeline.spark import assert_on_driver, set_job_description
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["run", "PREDICTION_FIELDS", "PREDICTION_COLUMNS", "SPLIT_CHOICES", "MODE_CHOICES"]
+__all__ = ["run", "read_predictions", "PREDICTION_FIELDS", "PREDICTION_COLUMNS", "SPLIT_CHOICES", "MODE_CHOICES"]
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +65,24 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
                                  data_version=data_version)
     model = inputs.model
     checks_s = time.time() - t0
-    rows_in = driver.count_rows(spark, inputs.df, f"{split} rows of {data_uri}")
+    prior = (driver.prior_scores(spark, output_uri, model, split=split, partition_by=cfg.score.partition_by)
+             if mode == "append" else None)
+    todo = inputs.df if prior is None else driver.not_yet_scored(spark, inputs.df, prior)
+    rows_in = driver.count_rows(spark, todo, f"{split} rows of {data_uri}" + (" not scored yet" if prior else ""))
     driver.check_output(spark, output_uri, mode)
     plan = driver.make_plan(spark, cfg.score, model, inputs.driver_file)
     summary: Dict[str, Any] = {"stage": "score", "split": split, "model_id": model.model_id,
                                "data_uri": data_uri, "data_version": inputs.data.version,
-                               "model_dir": model.model_dir, "output_uri": output_uri}
-    log.info("scoring split %r of %s (%d rows) with model %s (%d classes, %s)", split, data_uri, rows_in,
-             model.model_id, len(model.classes), "x".join(map(str, model.spec.shape)))
+                               "model_dir": model.model_dir, "output_uri": output_uri,
+                               "partition_by": cfg.score.partition_by, "mode": mode}
+    # an append's version lists the earlier versions' folders and writes only its new rows
+    kept = [f for f in (prior.files if prior else ()) if f.kind in ("predictions", "rejects")]
+    kept_rows = {k: sum(f.rows for f in kept if f.kind == k) for k in ("predictions", "rejects")}
+    log.info("scoring split %r of %s (%d rows%s) with model %s (%d classes, %s)", split, data_uri, rows_in,
+             f"; {kept_rows['predictions']} scored before" if prior else "", model.model_id, len(model.classes),
+             "x".join(map(str, model.spec.shape)))
     try:
-        with (driver.spread_over_slots(spark, cfg.score, inputs.df) as (df, tasks),
+        with (driver.spread_over_slots(spark, cfg.score, todo) as (df, tasks),
               versioned_output(spark, output_uri, info=summary, retain=cfg.score.retain_versions) as version):
             staging = version.uri
             t_score = time.time()
@@ -84,10 +96,19 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
             if undecodable or written != rows_in:
                 rejected = driver.rejects_pass(spark, df, plan, join(staging, REJECTS_DIR), output_uri=output_uri)
             driver.check_accounted(rows_in, written, rejected)
+            if kept_rows["predictions"]:  # metrics cover every prediction the version lists
+                counts, unlabeled = driver.count_predictions(
+                    spark, *[join(output_uri, f.path) for f in kept if f.kind == "predictions"],
+                    join(staging, PREDICTIONS_DIR))
             metrics = driver.write_evaluation(spark, counts, unlabeled, plan, staging, split=split, data_uri=data_uri)
-            summary.update(_outcome(staging, plan.scored_at.isoformat(), metrics, rows=written, rows_in=rows_in,
-                                    rejected=rejected, tasks=tasks))
-            summary.update({"version": version.version, "version_root": staging})
+            summary.update(_outcome(staging, plan.scored_at.isoformat(), metrics,
+                                    rows=written + kept_rows["predictions"],
+                                    rows_in=rows_in + kept_rows["predictions"] + kept_rows["rejects"],
+                                    rejected=rejected + kept_rows["rejects"], tasks=tasks))
+            summary.update({"version": version.version, "version_root": staging,
+                            "written": {"predictions": written, "rejected": rejected, "incremental": prior is not None}})
+            for f in kept:
+                version.add(join(output_uri, f.path), f.rows, f.kind)
             version.add(join(staging, PREDICTIONS_DIR), written, "predictions")
             if rejected:
                 version.add(join(staging, REJECTS_DIR), rejected, "rejects")
@@ -103,6 +124,19 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
              summary["timings"]["total_s"],
              f"accuracy {summary['metrics']['accuracy']:.4f}" if summary["metrics"] else "no labels, no metrics")
     return summary
+
+
+def read_predictions(spark: "SparkSession", output_uri: str, version: Optional[int] = None) -> "DataFrame":
+    """Every prediction of a committed score output (newest version, or ``version``), one row per scored
+    image: the union of the folders its snapshot lists (an appended version spans several)."""
+    from pipeline.commit import resolve
+    from pipeline.contracts import prediction_folders
+
+    output_uri = to_uri(output_uri)
+    scores = resolve(filesystem(output_uri, spark), output_uri, version,
+                     missing=f"score output {output_uri} does not exist: run score first",
+                     uncommitted=f"{output_uri} is not a committed score output: re-run score")
+    return driver.read_folders(spark, prediction_folders(scores), driver.PREDICTION_DDL)
 
 
 def _outcome(output_uri: str, scored_at: str, metrics: Optional[Dict[str, Any]], *, rows: int, rows_in: int,

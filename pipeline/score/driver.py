@@ -10,13 +10,14 @@ import datetime as _dt
 import functools
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 from pipeline import faults
-from pipeline.commit import check_output_mode
+from pipeline.commit import Committed, check_output_mode
+from pipeline.commit import committed as _committed
 from pipeline.config import ScoreConfig
-from pipeline.commit import Committed
-from pipeline.contracts import IngestManifest, read_manifest, read_split_images, resolve_ingest
+from pipeline.contracts import (REJECTS_DIR, IngestManifest, listed_folders, prediction_folders, read_manifest,
+                                read_split_images, resolve_ingest)
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
 from pipeline.fs import filesystem, is_under, join
 from pipeline.schema import REJECT_COLUMNS, REJECT_FIELDS, SPLIT_COLUMN, SPLITS, UNLABELED_SPLIT, ddl
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 SPLIT_CHOICES = SPLITS + (UNLABELED_SPLIT, "all")
-MODE_CHOICES = ("error", "overwrite")
+MODE_CHOICES = ("error", "overwrite", "append")
 PREDICTION_DDL = ddl(PREDICTION_FIELDS)
 REJECT_DDL = ddl(REJECT_FIELDS)
 _INPUT_COLUMNS = ("image_id", "source_path", "label", SPLIT_COLUMN, "image")
@@ -100,7 +101,39 @@ def check_output(spark: "SparkSession", output_uri: str, mode: str) -> None:
     try:
         check_output_mode(filesystem(output_uri, spark), output_uri, mode)  # type: ignore[arg-type]
     except OutputExistsError:
-        raise OutputExistsError(f"output {output_uri} already exists: pass --mode overwrite to replace it") from None
+        raise OutputExistsError(f"output {output_uri} already exists: pass --mode overwrite to replace it, "
+                                "or --mode append to score only the rows it has no prediction for") from None
+
+
+# --- append: score only what the output has no prediction for ---------------------------------
+
+def prior_scores(spark: "SparkSession", output_uri: str, model: ModelInfo, *, split: str,
+                 partition_by: Optional[str]) -> Optional[Committed]:
+    """On ``--mode append``: the committed score output to extend (None: nothing committed yet).
+
+    Its predictions must come from the same model, split and partitioning: an appended version
+    is the union of its folders, and metrics over rows of two models mean nothing.
+    """
+    prior = _committed(filesystem(output_uri, spark), output_uri)
+    if prior is None:
+        log.info("--mode append: %s holds no committed scores yet, scoring every row", output_uri)
+        return None
+    info = prior.info
+    for key, want, fix in (("model_id", model.model_id, "score into a new --output, or --mode overwrite"),
+                           ("split", split, f"pass --split {info.get('split')}, or --mode overwrite"),
+                           ("partition_by", partition_by, f"set score.partition_by={info.get('partition_by')}")):
+        if key in info and info[key] != want:
+            raise ConfigError(f"--mode append: {output_uri} holds {key} {info[key]!r}, this run has {want!r}: {fix}")
+    return prior
+
+
+def not_yet_scored(spark: "SparkSession", df: "DataFrame", prior: Committed) -> "DataFrame":
+    """The rows of ``df`` whose ``image_id`` has neither a prediction nor a reject in ``prior``."""
+    done = read_folders(spark, prediction_folders(prior), PREDICTION_DDL).select("image_id")
+    if any(f.kind == "rejects" for f in prior.files):
+        done = done.unionByName(read_folders(spark, listed_folders(prior, "rejects", REJECTS_DIR), REJECT_DDL)
+                                .select("image_id"))
+    return df.join(done.dropDuplicates(), "image_id", "left_anti")
 
 
 # --- the plan: what every task gets ------------------------------------------------------------
@@ -162,13 +195,19 @@ def score_pass(spark: "SparkSession", df: "DataFrame", plan: ScoringPlan, pred_u
     return int(rejects_seen.value)
 
 
-def count_predictions(spark: "SparkSession", pred_uri: str) -> Tuple[Dict[Tuple[str, str], int], int]:
-    """Confusion counts and unlabeled rows of what was written, in one aggregation.
+def count_predictions(spark: "SparkSession", *pred_uris: str) -> Tuple[Dict[Tuple[str, str], int], int]:
+    """Confusion counts and unlabeled rows of the predictions in ``pred_uris``, in one aggregation.
 
     Read back with the declared schema: no partition-type inference ("0".."9" labels stay strings).
     """
     set_job_description(spark, "pixelmill score: count and evaluate the predictions")
-    return _metrics.confusion_counts(spark.read.schema(PREDICTION_DDL).parquet(pred_uri))
+    return _metrics.confusion_counts(read_folders(spark, pred_uris, PREDICTION_DDL))
+
+
+def read_folders(spark: "SparkSession", uris: Sequence[str], schema: str) -> "DataFrame":
+    """The union of the Parquet folders ``uris`` with ``schema``, each read on its own: Spark refuses
+    several roots of partitioned folders in one read (conflicting directory structures)."""
+    return functools.reduce(lambda a, b: a.unionByName(b), [spark.read.schema(schema).parquet(u) for u in uris])
 
 
 def rejects_pass(spark: "SparkSession", df: "DataFrame", plan: ScoringPlan, rejects_uri: str, *,
