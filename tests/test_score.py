@@ -706,3 +706,43 @@ def test_a_driver_killed_at_each_commit_step_leaves_the_old_predictions_or_the_n
 
     again = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="all", mode="overwrite")
     assert again["rows"] == len(predictions(spark, out)) == sum(SPLIT_SIZES.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("step", [1, 2])
+def test_a_driver_killed_mid_append_leaves_the_old_predictions_or_the_new(spark, cfg, model_dir, tmp_path, step):
+    """``score --mode append`` SIGKILLed before / after its snapshot create: the output reads as the
+    old 9 predictions or all 15 (never a mix), and the next append completes it."""
+    import contextlib
+    import signal
+
+    from pipeline import score
+    from pipeline.commit import committed
+    from pipeline.fs import filesystem
+
+    small = write_ingest_output(spark, tmp_path / "d1", split_sizes={"test": 9}, seed=3)
+    grown = write_ingest_output(spark, tmp_path / "d2", split_sizes={"test": 15}, seed=3)
+    out = "file://" + str(tmp_path / "scored")
+    old = score.run(spark, cfg, data_uri=small, model_uri=model_dir, output_uri=out, split="test", mode="error")
+    cmd = [sys.executable, "-m", "pipeline", "score", "--data", grown, "--model", model_dir, "--output", out,
+           "--split", "test", "--mode", "append", "--config", "local.yaml", "--log-level", "WARNING",
+           "--set", "spark.ui_enabled=false", "--set", "score.batch_size=16", "--set", f"score.top_k={TOP_K}"]
+    env = {**os.environ, "PIXELMILL_FAULT_INJECT": f"commit:kill:step={step}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    _, err = proc.communicate(timeout=540)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    found = committed(filesystem(out), out)
+    expect = 9 if step == 1 else 15
+    assert (found.version == old["version"]) == (step == 1)
+    pdf = score.read_predictions(spark, out).toPandas()
+    assert len(pdf) == pdf["image_id"].nunique() == expect == found.info["rows"]
+    assert sum(f.rows for f in found.files if f.kind == "predictions") == expect
+    assert json.loads((version_dir(out) / "_metrics.json").read_text())["rows"] == expect
+
+    again = score.run(spark, cfg, data_uri=grown, model_uri=model_dir, output_uri=out, split="test", mode="append")
+    assert again["written"]["predictions"] == 15 - expect
+    assert score.read_predictions(spark, out).count() == again["rows"] == 15
