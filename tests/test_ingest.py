@@ -428,6 +428,14 @@ def test_append_reads_only_the_files_new_or_modified_since_the_last_listing(spar
     assert stored["dogs/img_1_000.png"] == 1  # the junk was never read
     assert s["timings"]["unchanged_s"] > 0
 
+    # nothing modified since: nothing is read, every file is already ingested, nothing is written
+    age(modified)
+    s = ingest.run(spark, cfg_with("ingest.max_file_mb=1"), input_uri=uri(raw), output_uri=uri(out), mode="append")
+    assert s["run"] == {"files_seen": 17, "accepted": 0, "already_ingested": 17, "files_read": 0,
+                        "rejected": {"already_ingested": 17}}
+    assert s["written"] == {"accepted": 0, "rejected": 0, "incremental": True}
+    assert manifest(out)["files_seen"] == m["files_seen"]
+
     # ingest.skip_unchanged=false reads every file: the junk is found
     s = ingest.run(spark, cfg_with("ingest.skip_unchanged=false"), input_uri=uri(raw), output_uri=uri(out),
                    mode="append")
