@@ -177,13 +177,13 @@ def resolve_ingest(data_uri: str, fs: Optional[FileSystem] = None, *, spark: Opt
                    "re-run ingest (a crashed or running ingest commits nothing)")
 
 
-def resolve_scores(score_uri: str, fs: Optional[FileSystem] = None) -> "Committed":
-    """The newest committed version of a score output (see :func:`resolve_ingest`)."""
+def resolve_scores(score_uri: str, fs: Optional[FileSystem] = None, *, version: Optional[int] = None) -> "Committed":
+    """The newest committed version of a score output, or ``version`` (see :func:`resolve_ingest`)."""
     from pipeline.commit import resolve
 
     score_uri = to_uri(score_uri)
     fs = fs or filesystem(score_uri)
-    return resolve(fs, score_uri,
+    return resolve(fs, score_uri, version,
                    missing=f"score output {score_uri} does not exist: run score first, or pass the score --output URI",
                    uncommitted=f"{score_uri} is not a committed score output: re-run score (a crashed or running "
                    "scoring commits nothing)")

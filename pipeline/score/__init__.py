@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 from pipeline import tracking
 from pipeline.commit import versioned_output
 from pipeline.config import Config
-from pipeline.contracts import METRICS_FILE, PREDICTIONS_DIR, REJECTS_DIR
+from pipeline.contracts import METRICS_FILE, PREDICTIONS_DIR, REJECTS_DIR, prediction_folders
 from pipeline.fs import filesystem, join, to_uri
 from pipeline.score import driver
 from pipeline.score.driver import MODE_CHOICES, SPLIT_CHOICES
@@ -96,10 +96,9 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
             if undecodable or written != rows_in:
                 rejected = driver.rejects_pass(spark, df, plan, join(staging, REJECTS_DIR), output_uri=output_uri)
             driver.check_accounted(rows_in, written, rejected)
-            if kept_rows["predictions"]:  # metrics cover every prediction the version lists
+            if prior is not None and kept_rows["predictions"]:  # metrics cover every prediction the version lists
                 counts, unlabeled = driver.count_predictions(
-                    spark, *[join(output_uri, f.path) for f in kept if f.kind == "predictions"],
-                    join(staging, PREDICTIONS_DIR))
+                    spark, *prediction_folders(prior), join(staging, PREDICTIONS_DIR))
             metrics = driver.write_evaluation(spark, counts, unlabeled, plan, staging, split=split, data_uri=data_uri)
             summary.update(_outcome(staging, plan.scored_at.isoformat(), metrics,
                                     rows=written + kept_rows["predictions"],
@@ -129,13 +128,10 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
 def read_predictions(spark: "SparkSession", output_uri: str, version: Optional[int] = None) -> "DataFrame":
     """Every prediction of a committed score output (newest version, or ``version``), one row per scored
     image: the union of the folders its snapshot lists (an appended version spans several)."""
-    from pipeline.commit import resolve
-    from pipeline.contracts import prediction_folders
+    from pipeline.contracts import resolve_scores
 
     output_uri = to_uri(output_uri)
-    scores = resolve(filesystem(output_uri, spark), output_uri, version,
-                     missing=f"score output {output_uri} does not exist: run score first",
-                     uncommitted=f"{output_uri} is not a committed score output: re-run score")
+    scores = resolve_scores(output_uri, filesystem(output_uri, spark), version=version)
     return driver.read_folders(spark, prediction_folders(scores), driver.PREDICTION_DDL)
 
 

@@ -16,8 +16,8 @@ from pipeline import faults
 from pipeline.commit import Committed, check_output_mode
 from pipeline.commit import committed as _committed
 from pipeline.config import ScoreConfig
-from pipeline.contracts import (REJECTS_DIR, IngestManifest, listed_folders, prediction_folders, read_manifest,
-                                read_split_images, resolve_ingest)
+from pipeline.contracts import (IngestManifest, prediction_folders, read_manifest, read_split_images,
+                                reject_folders, resolve_ingest)
 from pipeline.errors import ConfigError, DataError, InvariantError, OutputExistsError
 from pipeline.fs import filesystem, is_under, join
 from pipeline.schema import REJECT_COLUMNS, REJECT_FIELDS, SPLIT_COLUMN, SPLITS, UNLABELED_SPLIT, ddl
@@ -131,8 +131,7 @@ def not_yet_scored(spark: "SparkSession", df: "DataFrame", prior: Committed) -> 
     """The rows of ``df`` whose ``image_id`` has neither a prediction nor a reject in ``prior``."""
     done = read_folders(spark, prediction_folders(prior), PREDICTION_DDL).select("image_id")
     if any(f.kind == "rejects" for f in prior.files):
-        done = done.unionByName(read_folders(spark, listed_folders(prior, "rejects", REJECTS_DIR), REJECT_DDL)
-                                .select("image_id"))
+        done = done.unionByName(read_folders(spark, reject_folders(prior), REJECT_DDL).select("image_id"))
     return df.join(done.dropDuplicates(), "image_id", "left_anti")
 
 
