@@ -201,14 +201,14 @@ def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, tim
     # sized for every listed file (an append's pass over the listing), then for the files read
     held.enter_context(temporary_confs(
         spark, extract.scan_confs(listing.files_seen, listing.input_bytes, slots, icfg.batch_rows)))
-    skip = _skip_plan(job, prior, listing, held, timings)
+    max_bytes = icfg.max_file_mb * 1024 * 1024
+    skip = _skip_plan(job, prior, listing, held, timings, max_bytes=max_bytes)
     if skip is not None:
         held.enter_context(temporary_confs(
             spark, extract.scan_confs(skip.files, skip.bytes, slots, icfg.batch_rows)))
     carve = _carve(job, prior)
     fn = extract.clean_batches(ImageOptions.from_config(icfg), root_uri=job.input_uri, label_source=icfg.label_source,
                                fractions=icfg.split_fractions, seed=icfg.seed, carve=carve, fault=job.fault)
-    max_bytes = icfg.max_file_mb * 1024 * 1024
     processed = extract.scanned(unchanged.reads(listing.raw, skip), fn, max_bytes=max_bytes).unionByName(
         extract.too_large_files(listing.raw, max_file_mb=icfg.max_file_mb, listed=skip.listed if skip else None),
         allowMissingColumns=True)
@@ -216,7 +216,7 @@ def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, tim
 
 
 def _skip_plan(job: _Job, prior: Optional[_Prior], listing: extract.Listing, held: contextlib.ExitStack,
-               timings: Dict[str, float]) -> Optional[unchanged.Plan]:
+               timings: Dict[str, float], *, max_bytes: int) -> Optional[unchanged.Plan]:
     """On append after an ingest of the same input: the files not to read (:mod:`.unchanged`), else None."""
     from pyspark import StorageLevel
 
@@ -228,7 +228,7 @@ def _skip_plan(job: _Job, prior: Optional[_Prior], listing: extract.Listing, hel
     t = time.perf_counter()
     set_job_description(job.spark, "ingest: find the files unchanged since the last ingest")
     stored = prior.images.select("source_path").unionByName(prior.rejects.select("source_path"))
-    skip = unchanged.plan(extract.listed_files(listing.raw), stored, at, max_bytes=job.cfg.max_file_mb * 1024 * 1024,
+    skip = unchanged.plan(extract.listed_files(listing.raw), stored, at, max_bytes=max_bytes,
                           persist=lambda df: _persisted(held, df, StorageLevel.MEMORY_AND_DISK))
     timings["unchanged_s"] = round(time.perf_counter() - t, 3)
     return skip

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 from pipeline.config import IngestConfig
-from pipeline.ingest import extract  # noqa: F401 - referenced in docstrings
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame
@@ -64,7 +63,7 @@ def plan(listed: "DataFrame", stored_paths: "DataFrame", at: dt.datetime, *, max
          persist: Callable[["DataFrame"], "DataFrame"]) -> Optional[Plan]:
     """Split the listing into files to read and unchanged files; None when the split saves nothing.
 
-    ``listed`` is :func:`extract.listed_files`; ``stored_paths`` the output's ``source_path``
+    ``listed`` is :func:`pipeline.ingest.extract.listed_files`; ``stored_paths`` the output's ``source_path``
     values (images and rejects); ``persist`` keeps the joined listing until the job ends (it is
     read by the counts, the path list, the too-large rejects and the zero-byte check).
     """
