@@ -669,24 +669,13 @@ def test_temporary_confs_restore_what_was_there_even_on_error(spark):
             spark.conf.set(k, v)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("step", [1, 2])
-def test_a_driver_killed_at_each_commit_step_leaves_the_old_predictions_or_the_new(spark, cfg, data, model_dir,
-                                                                                  tmp_path, step):
-    """A SIGKILLed scoring driver (its whole process group) before / after the snapshot create: the
-    output reads as the complete old predictions or the complete new ones, and the next run succeeds."""
-    import signal
+def _score_killed_at_commit(data: str, model_dir: str, out: str, *, split: str, mode: str, step: int) -> None:
+    """``pixelmill score`` in its own process group, SIGKILLed at commit step ``step`` (with its group)."""
     import contextlib
+    import signal
 
-    from pipeline import score
-    from pipeline.commit import committed
-    from pipeline.fs import filesystem
-
-    out = "file://" + str(tmp_path / "scored")
-    old = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="test", mode="error")
     cmd = [sys.executable, "-m", "pipeline", "score", "--data", data, "--model", model_dir, "--output", out,
-           "--split", "all", "--mode", "overwrite", "--config", "local.yaml", "--log-level", "WARNING",
+           "--split", split, "--mode", mode, "--config", "local.yaml", "--log-level", "WARNING",
            "--set", "spark.ui_enabled=false", "--set", "score.batch_size=16", "--set", f"score.top_k={TOP_K}"]
     env = {**os.environ, "PIXELMILL_FAULT_INJECT": f"commit:kill:step={step}"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -695,6 +684,22 @@ def test_a_driver_killed_at_each_commit_step_leaves_the_old_predictions_or_the_n
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("step", [1, 2])
+def test_a_driver_killed_at_each_commit_step_leaves_the_old_predictions_or_the_new(spark, cfg, data, model_dir,
+                                                                                  tmp_path, step):
+    """A SIGKILLed scoring driver (its whole process group) before / after the snapshot create: the
+    output reads as the complete old predictions or the complete new ones, and the next run succeeds."""
+    from pipeline import score
+    from pipeline.commit import committed
+    from pipeline.fs import filesystem
+
+    out = "file://" + str(tmp_path / "scored")
+    old = score.run(spark, cfg, data_uri=data, model_uri=model_dir, output_uri=out, split="test", mode="error")
+    _score_killed_at_commit(data, model_dir, out, split="all", mode="overwrite", step=step)
     found = committed(filesystem(out), out)
     expect = SPLIT_SIZES["test"] if step == 1 else sum(SPLIT_SIZES.values())
     assert found.info["split"] == ("test" if step == 1 else "all") and found.info["rows"] == expect
@@ -714,9 +719,6 @@ def test_a_driver_killed_at_each_commit_step_leaves_the_old_predictions_or_the_n
 def test_a_driver_killed_mid_append_leaves_the_old_predictions_or_the_new(spark, cfg, model_dir, tmp_path, step):
     """``score --mode append`` SIGKILLed before / after its snapshot create: the output reads as the
     old 9 predictions or all 15 (never a mix), and the next append completes it."""
-    import contextlib
-    import signal
-
     from pipeline import score
     from pipeline.commit import committed
     from pipeline.fs import filesystem
@@ -725,16 +727,7 @@ def test_a_driver_killed_mid_append_leaves_the_old_predictions_or_the_new(spark,
     grown = write_ingest_output(spark, tmp_path / "d2", split_sizes={"test": 15}, seed=3)
     out = "file://" + str(tmp_path / "scored")
     old = score.run(spark, cfg, data_uri=small, model_uri=model_dir, output_uri=out, split="test", mode="error")
-    cmd = [sys.executable, "-m", "pipeline", "score", "--data", grown, "--model", model_dir, "--output", out,
-           "--split", "test", "--mode", "append", "--config", "local.yaml", "--log-level", "WARNING",
-           "--set", "spark.ui_enabled=false", "--set", "score.batch_size=16", "--set", f"score.top_k={TOP_K}"]
-    env = {**os.environ, "PIXELMILL_FAULT_INJECT": f"commit:kill:step={step}"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    _, err = proc.communicate(timeout=540)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    _score_killed_at_commit(grown, model_dir, out, split="test", mode="append", step=step)
     found = committed(filesystem(out), out)
     expect = 9 if step == 1 else 15
     assert (found.version == old["version"]) == (step == 1)
