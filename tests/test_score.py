@@ -46,16 +46,17 @@ def _stripes(label: str, rng: np.random.Generator, size: int, channels: int) -> 
     return img[..., 0] if channels == 1 else img
 
 
-def _png(arr: np.ndarray) -> bytes:
+def _png(arr: np.ndarray, fmt: str = "png") -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    Image.fromarray(arr).save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
     return buf.getvalue()
 
 
 def write_ingest_output(spark, root: Path, *, split_sizes: Dict[str, int], labelled: bool = True,
-                        channels: int = 3, seed: int = 0, bad_rows: Sequence[Tuple[int, bytes]] = ()) -> str:
+                        channels: int = 3, seed: int = 0, bad_rows: Sequence[Tuple[int, bytes]] = (),
+                        fmt: str = "png") -> str:
     """A committed ingest output (images/split=*/, _manifest.json, marker); returns its URI."""
     import pandas as pd
 
@@ -65,13 +66,13 @@ def write_ingest_output(spark, root: Path, *, split_sizes: Dict[str, int], label
         for i in range(n):
             label = CLASSES[i % len(CLASSES)]
             arr = _stripes(label, rng, SIZE, channels)
-            data = _png(arr)
+            data = _png(arr, fmt)
             rows.append({
                 "image_id": hashlib.sha256(data).hexdigest(),
                 "source_path": f"file:///raw/{split}/{label}/{label} {i:03d} ünï.png",
                 "label": label if labelled else None,
                 "label_index": CLASSES.index(label) if labelled else None,
-                "split": split, "height": SIZE, "width": SIZE, "channels": channels, "format": "png",
+                "split": split, "height": SIZE, "width": SIZE, "channels": channels, "format": fmt,
                 "image": data,
             })
             if split == "train":
@@ -93,7 +94,7 @@ def write_ingest_output(spark, root: Path, *, split_sizes: Dict[str, int], label
         "class_counts": {c: sum(1 for r in rows if r["label"] == c) for c in CLASSES} if labelled else {},
         "classes": {c: i for i, c in enumerate(CLASSES)} if labelled else {},
         "image": {"height": SIZE, "width": SIZE, "channels": channels, "color_mode": "L" if channels == 1 else "RGB",
-                  "format": "png"},
+                  "format": fmt},
         "stats": {"mean": px.mean(axis=0).tolist(), "std": px.std(axis=0).tolist()},
         "row_groups": {s: 1 for s in split_sizes}, "config": {}, "timings": {"total_s": 0.0},
         "images_per_second": 0.0,
@@ -511,6 +512,63 @@ def test_batch_header_check_accepts_exactly_what_the_per_image_check_and_decoder
         if ok:
             check_header(blob, spec)  # the per-image check agrees: no exception
     assert png_headers_match(*_binary_layout(arr)[:2], ImageSpec(SIZE, SIZE, 3, "jpeg")).sum() == 0
+
+
+def test_jpeg_header_check_accepts_exactly_the_jpegs_the_fast_decoder_may_take():
+    from PIL import Image
+
+    from pipeline.imaging.stored import ImageSpec, jpeg_headers_match
+
+    rng = np.random.default_rng(2)
+    rgb = _png(_stripes("vertical", rng, SIZE, 3), "jpeg")
+    buf = io.BytesIO()
+    Image.fromarray(_stripes("vertical", rng, SIZE, 3)).save(buf, "JPEG", progressive=True)
+    cases = {
+        "rgb ok": (rgb, True),
+        "progressive ok": (buf.getvalue(), True),
+        "other size": (_png(_stripes("vertical", rng, SIZE + 8, 3), "jpeg"), False),
+        "grey in an rgb dataset": (_png(_stripes("vertical", rng, SIZE, 1), "jpeg"), False),
+        "a png": (_png(_stripes("vertical", rng, SIZE, 3)), False),
+        "truncated before the frame": (rgb[:10], False),
+        "not an image": (b"\xff\xd8 not a jpeg at all", False),
+        "empty": (b"", False),
+        "null": (None, False),
+    }
+    got = jpeg_headers_match([b for b, _ in cases.values()], ImageSpec(SIZE, SIZE, 3, "jpeg")).tolist()
+    assert dict(zip(cases, got)) == {k: ok for k, (_, ok) in cases.items()}
+    assert not jpeg_headers_match([rgb], ImageSpec(SIZE, SIZE, 3, "png")).any()
+
+
+def test_jpeg_data_is_scored_like_single_process_predict_on_the_pillow_decoded_pixels(spark, cfg, keras_model,
+                                                                                      tmp_path):
+    """JPEG storage: the batch decoder gives Pillow's pixels, so scoring equals ``model.predict``
+    on the decoded uint8 images; a row that does not decode is a reject, not a crash."""
+    from pipeline import score
+
+    data = write_ingest_output(spark, tmp_path / "jpeg", split_sizes={"test": 40}, fmt="jpeg", seed=4,
+                               bad_rows=[(5, b"\xff\xd8 cut short")])
+    manifest = json.loads((tmp_path / "jpeg" / "_manifest.json").read_text())
+    model = export_model(keras_model, tmp_path / "model", manifest=manifest,
+                         classes={c: i for i, c in enumerate(CLASSES)})
+    out = "file://" + str(tmp_path / "scored")
+    summary = score.run(spark, cfg, data_uri=data, model_uri=model, output_uri=out, split="test", mode="error")
+    assert (summary["rows_in"], summary["rows"], summary["rejected"]) == (40, 39, 1)
+    pdf = read_images(data)
+    good = pdf[pdf["image"].map(lambda b: not b.startswith(b"\xff\xd8 cut"))].reset_index(drop=True)
+    want = dict(zip(good["image_id"], keras_model.predict(reference_inputs(good, manifest), verbose=0)))
+    got = predictions(spark, out)
+    assert set(got["image_id"]) == set(want)
+    for r in got.itertuples():
+        assert r.probability == pytest.approx(float(want[r.image_id].max()), rel=1e-4, abs=1e-5)
+    # the workers' batch decoder (the fast path) gives exactly Pillow's pixels
+    import pyarrow as pa
+
+    from pipeline.imaging.stored import ImageSpec, decode_images
+
+    pixels, ok, errors = decode_images(pa.array(list(good["image"]), pa.binary()), ImageSpec(SIZE, SIZE, 3, "jpeg"))
+    assert ok.all() and not errors
+    pillow = reference_inputs(good, {"stats": {"mean": [0.0] * 3, "std": [1.0] * 3}})
+    np.testing.assert_array_equal(np.asarray(pixels), pillow)
 
 
 def test_undecodable_and_oversized_images_are_rejected_not_lost(spark, cfg, keras_model, manifest, tmp_path):

@@ -13,7 +13,7 @@ import io
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -149,6 +149,46 @@ def png_headers_match(data: np.ndarray, offsets: np.ndarray, spec: ImageSpec) ->
             & (hdr[:, 24] == 8) & (hdr[:, 25] == color))
 
 
+#: JPEG start-of-frame markers of the baseline, extended and progressive Huffman codings
+#: (the ones libjpeg decodes; arithmetic coding and lossless are not accepted on the fast path).
+_JPEG_SOF = (0xC0, 0xC1, 0xC2)
+
+
+def _jpeg_frame(data: bytes) -> Optional[Tuple[int, int, int, int]]:
+    """``(width, height, components, precision)`` from a JPEG's start-of-frame segment, else None."""
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            precision, h, w, comps = struct.unpack(">BHHB", data[i + 4:i + 10])
+            return int(w), int(h), int(comps), int(precision)
+        if 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return None  # a frame type the fast path does not take
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    return None
+
+
+def jpeg_headers_match(blobs: Sequence[Optional[bytes]], spec: ImageSpec) -> np.ndarray:
+    """:func:`png_headers_match` for JPEGs: True where the frame header says exactly ``spec``
+    (size, 8-bit, ``spec.channels`` components). Parses the markers up to the frame header
+    of every image (tens of bytes each), no pixels."""
+    ok = np.zeros(len(blobs), dtype=bool)
+    if spec.format != "jpeg":
+        return ok
+    want = (spec.width, spec.height, spec.channels, 8)
+    for i, b in enumerate(blobs):
+        ok[i] = b is not None and b[:2] == b"\xff\xd8" and _jpeg_frame(b) == want
+    return ok
+
+
 # --- numpy path (scoring) -----------------------------------------------------
 
 def decode_one(data: bytes, spec: ImageSpec) -> Tuple[Optional[np.ndarray], Optional[Tuple[str, str]]]:
@@ -187,13 +227,13 @@ def normalize_np(x: np.ndarray, norm: Normalization) -> np.ndarray:
 
 # --- TensorFlow path (training) -----------------------------------------------
 
-def tf_decode(image: Any, spec: ImageSpec) -> Any:
-    """Decode one encoded image tensor into float32 ``(h, w, c)`` with 0..255 values.
+#: libjpeg's accurate integer IDCT: the pixels Pillow decodes (scoring's fallback, ingest's stats),
+#: bit for bit. TensorFlow's default (the fast IDCT) differs from Pillow on nearly every image.
+JPEG_DCT = "INTEGER_ACCURATE"
 
-    The PNG/JPEG header is checked before the pixels are decoded: more than the manifest's
-    ``h x w`` pixels is a decompression bomb, any other size than ``spec``'s
-    is data this ingest did not write. Both fail with a message that says to re-run ingest.
-    """
+
+def _header_checks(image: Any, spec: ImageSpec) -> List[Any]:
+    """Assertions on the encoded header: no more than ``spec``'s pixels (the bomb guard), exactly its size."""
     import tensorflow as tf
 
     limit = int(spec.height * spec.width)
@@ -204,7 +244,7 @@ def tf_decode(image: Any, spec: ImageSpec) -> Any:
     else:
         hw = tf.cast(tf.image.extract_jpeg_shape(image)[:2], tf.int64)
     kind = spec.format.upper()
-    checks = [
+    return [
         tf.debugging.assert_less_equal(
             hw[0] * hw[1], tf.constant(limit, tf.int64),
             message=f"stored {kind} is larger than the image size in the manifest (re-run ingest)"),
@@ -213,13 +253,49 @@ def tf_decode(image: Any, spec: ImageSpec) -> Any:
             hw, expected_hw,
             message=f"stored {kind} is not {spec.height}x{spec.width} as the manifest says (re-run ingest)"),
     ]
-    with tf.control_dependencies(checks):
+
+
+def tf_decode_u8(image: Any, spec: ImageSpec) -> Any:
+    """Decode one encoded image tensor into uint8 ``(h, w, c)``, header checked first.
+
+    The PNG/JPEG header is checked before the pixels are decoded: more than the manifest's
+    ``h x w`` pixels is a decompression bomb, any other size than ``spec``'s
+    is data this ingest did not write. Both fail with a message that says to re-run ingest.
+    """
+    import tensorflow as tf
+
+    with tf.control_dependencies(_header_checks(image, spec)):
         if spec.format == "png":
             x = tf.io.decode_png(image, channels=spec.channels)
         else:
-            x = tf.io.decode_jpeg(image, channels=spec.channels)
-    x = tf.ensure_shape(x, spec.shape)
-    return tf.cast(x, tf.float32)
+            x = tf.io.decode_jpeg(image, channels=spec.channels, dct_method=JPEG_DCT)
+    return tf.ensure_shape(x, spec.shape)
+
+
+def tf_decode(image: Any, spec: ImageSpec) -> Any:
+    """:func:`tf_decode_u8` as float32 0..255 values."""
+    import tensorflow as tf
+
+    return tf.cast(tf_decode_u8(image, spec), tf.float32)
+
+
+def tf_decode_window_u8(image: Any, spec: ImageSpec, begin: Any, size: Any) -> Any:
+    """The uint8 pixels of the window ``begin`` (y, x) / ``size`` (h, w) of one encoded image.
+
+    JPEG decodes only the window (``decode_and_crop_jpeg``: the rows above and the blocks
+    beside it are skipped); PNG has no partial decode, so it decodes the image and slices.
+    The header checks of :func:`tf_decode_u8` come first either way.
+    """
+    import tensorflow as tf
+
+    with tf.control_dependencies(_header_checks(image, spec)):
+        if spec.format == "jpeg":
+            window = tf.stack([begin[0], begin[1], size[0], size[1]])
+            x = tf.io.decode_and_crop_jpeg(image, window, channels=spec.channels, dct_method=JPEG_DCT)
+        else:
+            x = tf.slice(tf.io.decode_png(image, channels=spec.channels), tf.concat([begin, [0]], 0),
+                         tf.concat([size, [spec.channels]], 0))
+    return tf.ensure_shape(x, [None, None, spec.channels])
 
 
 def tf_normalize(x: Any, norm: Normalization) -> Any:
@@ -235,9 +311,9 @@ _WORKER_DECODERS: Dict["ImageSpec", Any] = {}
 
 
 def worker_decoder(spec: ImageSpec) -> Any:
-    """A ``tf.function`` decoding a batch of encoded PNGs to float32 ``(n, h, w, c)`` 0..255 pixels.
+    """A ``tf.function`` decoding a batch of encoded images to float32 ``(n, h, w, c)`` 0..255 pixels.
 
-    Only for images whose header :func:`png_headers_match` accepted
+    Only for images whose header :func:`headers_match` accepted
     (exact size, 8-bit, ``spec.channels``): the bomb check happens before, on the whole batch.
     """
     hit = _WORKER_DECODERS.get(spec)
@@ -248,8 +324,14 @@ def worker_decoder(spec: ImageSpec) -> Any:
 
     @tf.function(input_signature=[tf.TensorSpec((None,), tf.string)])
     def decode(images: Any) -> Any:
-        pixels = tf.map_fn(lambda b: tf.ensure_shape(tf.io.decode_png(b, channels=spec.channels), spec.shape),
-                           images, fn_output_signature=tf.TensorSpec(spec.shape, tf.uint8))
+        def one(b: Any) -> Any:
+            if spec.format == "png":
+                x = tf.io.decode_png(b, channels=spec.channels)
+            else:
+                x = tf.io.decode_jpeg(b, channels=spec.channels, dct_method=JPEG_DCT)
+            return tf.ensure_shape(x, spec.shape)
+
+        pixels = tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(spec.shape, tf.uint8))
         return tf.cast(pixels, tf.float32)
 
     _WORKER_DECODERS[spec] = decode
@@ -273,16 +355,21 @@ def _binary_layout(arr: Any) -> Tuple[Any, Any, Any]:
 def decode_images(images: Any, spec: ImageSpec) -> Tuple[Any, Any, Dict[int, Tuple[str, str]]]:
     """Decode an Arrow binary array: ``(pixels of the good rows, good mask, {row: (reason, detail)})``.
 
-    PNGs whose header says exactly ``spec`` (checked for the whole batch at once, the
-    decompression-bomb guard) are decoded in one TensorFlow call; everything else, and a batch
-    the fast decoder refuses, goes through :func:`decode_one` row by row, which finds the reason.
+    Images whose header says exactly ``spec`` (PNG: checked for the whole batch at once; JPEG:
+    frame header parsed per image; the decompression-bomb guard) are decoded in one TensorFlow
+    call, JPEGs with the IDCT Pillow uses, so both paths give the same pixels; everything else,
+    and a batch the fast decoder refuses, goes through :func:`decode_one` row by row, which
+    finds the reason.
     """
     import numpy as np
 
     n = len(images)
     data, offsets, valid = _binary_layout(images)
-    fast = png_headers_match(data, offsets, spec) & valid
     blobs = images.to_pylist()
+    if spec.format == "jpeg":
+        fast = jpeg_headers_match(blobs, spec) & valid
+    else:
+        fast = png_headers_match(data, offsets, spec) & valid
     if fast.all():
         try:
             return worker_decoder(spec)(blobs), np.ones(n, dtype=bool), {}
