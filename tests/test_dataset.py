@@ -342,6 +342,142 @@ def test_train_streams_every_pass_when_the_cache_is_off_or_too_small(data_uri):
     assert decoded_cache_mb(50_000, ImageSpec(224, 224, 3, "jpeg")) > 512
 
 
+# --- uint8 batches and the random resized crop -----------------------------------------------
+
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_uint8_batches_hold_the_stored_pixels_and_model_input_normalises_them(data_uri, cache_mb):
+    from pipeline.dataset import eval_dataset, train_dataset
+
+    cfg = config("loader.augment.flip_left_right=false", f"loader.cache_max_mb={cache_mb}")
+    with train_dataset(data_uri, cfg, rank=0, size=1, batch_size=41, seed=3, with_ids=True, pixels="uint8") as data:
+        batches = take(data.dataset, 2)
+        prepared = [data.model_input(x).numpy() for x, _, _ in batches]
+    with eval_dataset(data_uri, cfg, split="val", rank=0, size=1, batch_size=4, with_ids=True,
+                      pixels="uint8") as val:
+        batches += list(val.dataset)
+        prepared += [val.model_input(x).numpy() for x, _, _ in list(val.dataset)]
+    assert len(batches) == 2 + 3
+    for (x, _, ids), xin in zip(batches, prepared):
+        assert x.dtype.name == "uint8" and xin.dtype.name == "float32"
+        for img, norm, i in zip(x.numpy(), xin, ids.numpy()):
+            k = int(i.decode()[3:])
+            np.testing.assert_array_equal(img, pixels(k))
+            np.testing.assert_allclose(norm, expected_norm(k), atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_uint8_pad_and_crop_pads_with_the_rounded_channel_mean(data_uri, cache_mb):
+    from pipeline.dataset import train_dataset
+
+    pad = 2
+    cfg = config("loader.augment.flip_left_right=false", f"loader.augment.crop_pad={pad}", f"loader.cache_max_mb={cache_mb}")
+    with train_dataset(data_uri, cfg, rank=0, size=1, batch_size=41, seed=1, with_ids=True, pixels="uint8") as data:
+        x, _, ids = take(data.dataset, 2)[1]
+    shifts = set()
+    for img, i in zip(x.numpy(), ids.numpy()):
+        padded = np.pad(pixels(int(i.decode()[3:])), [(pad, pad), (pad, pad), (0, 0)])
+        padded[:pad], padded[-pad:], padded[:, :pad], padded[:, -pad:] = MEAN, MEAN, MEAN, MEAN
+        match = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if np.array_equal(img, padded[dy:dy + H, dx:dx + W])]
+        assert match, "output is not a crop of the mean-padded image"
+        shifts.add(match[0])
+    assert len(shifts) > 3
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_random_resized_crop_of_the_whole_image_is_the_image(data_uri, cache_mb):
+    """scale [1, 1] and ratio [1, 1] on square images: the window is the image, the resize a no-op."""
+    from pipeline.dataset import train_dataset
+
+    cfg = config("loader.augment.flip_left_right=false", "loader.augment.random_resized_crop=true",
+                 "loader.augment.crop_scale=[1.0,1.0]", "loader.augment.crop_ratio=[1.0,1.0]",
+                 f"loader.cache_max_mb={cache_mb}")
+    for dtype in ("uint8", "float32"):
+        with train_dataset(data_uri, cfg, rank=0, size=1, batch_size=41, seed=1, with_ids=True, pixels=dtype) as data:
+            x, _, ids = take(data.dataset, 2)[1]
+        for img, i in zip(x.numpy(), ids.numpy()):
+            k = int(i.decode()[3:])
+            np.testing.assert_allclose(img, pixels(k) if dtype == "uint8" else expected_norm(k), atol=1e-4)
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_random_resized_crop_is_reproducible_per_seed_and_new_every_pass(data_uri, cache_mb):
+    from pipeline.dataset import train_dataset
+
+    cfg = config("loader.augment.flip_left_right=true", "loader.augment.random_resized_crop=true",
+                 "loader.shuffle_buffer=0", "loader.workers_count=1", f"loader.cache_max_mb={cache_mb}")
+
+    def passes(seed: int):
+        with train_dataset(data_uri, cfg, rank=0, size=1, batch_size=41, seed=seed, with_ids=True,
+                           pixels="uint8") as data:
+            return [{i.decode(): img for img, i in zip(x.numpy(), ids.numpy())} for x, _, ids in take(data.dataset, 3)]
+
+    first, again, other = passes(5), passes(5), passes(6)
+    for a, b in zip(first, again):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    same = lambda a, b: sum(np.array_equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(first[0], other[0]) < 5   # another seed, other crops
+    assert same(first[0], first[1]) < 5   # the next pass, other crops of the same images
+    assert all(img.dtype == np.uint8 and img.shape == (H, W, C) for p in first for img in p.values())
+
+
+def test_crop_windows_stay_inside_the_image_with_the_configured_area_and_aspect():
+    import tensorflow as tf
+
+    from pipeline.config import AugmentConfig
+    from pipeline.dataset.tfdata import crop_window
+
+    aug = AugmentConfig(random_resized_crop=True, crop_scale=(0.25, 0.8), crop_ratio=(0.75, 4 / 3))
+    hw = (224, 160)
+    areas, inside, fallbacks = [], True, 0
+    for i in range(300):
+        begin, size = (t.numpy() for t in crop_window(tf.constant(hw), tf.constant([9, i], tf.int64), aug))
+        inside &= bool((begin >= 0).all() and (begin + size <= hw).all() and (size > 0).all())
+        if tuple(size) == hw:
+            fallbacks += 1
+            continue
+        area = size[0] * size[1] / (hw[0] * hw[1])
+        ratio = size[1] / size[0]
+        assert 0.25 - 0.02 <= area <= 0.8 + 0.02, (begin, size)
+        assert 0.75 - 0.05 <= ratio <= 4 / 3 + 0.05, (begin, size)
+        areas.append(area)
+    assert inside
+    assert fallbacks < 30 and max(areas) - min(areas) > 0.4  # spread over the range, rarely the whole image
+
+
+@pytest.mark.parametrize("subsampling", [0, 2])  # Pillow's 4:4:4 and its default 4:2:0
+def test_jpeg_decodes_to_pillow_pixels_and_a_window_to_the_slice_of_the_image(subsampling):
+    """Training decodes JPEGs as scoring's Pillow fallback does (accurate IDCT), and the
+    crop-only decode gives the pixels of the full decode's window (with 4:2:0 chroma, all but
+    the window's first and last columns: the chroma upsampling there lacks its neighbour)."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from pipeline.imaging.stored import ImageSpec, tf_decode_u8, tf_decode_window_u8
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:64]
+    photo = np.stack([(xx * 4 + yy) % 256, (yy * 5) % 256, (xx * yy) % 256], -1) + rng.integers(0, 30, (48, 64, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90, subsampling=subsampling)
+    data = buf.getvalue()
+    spec = ImageSpec(48, 64, 3, "jpeg")
+    full = tf_decode_u8(tf.constant(data), spec).numpy()
+    np.testing.assert_array_equal(full, np.asarray(Image.open(io.BytesIO(data))))
+    for (y, x, h, w) in [(0, 0, 48, 64), (5, 7, 20, 30), (16, 16, 16, 16), (40, 50, 8, 14)]:
+        win = tf_decode_window_u8(tf.constant(data), spec, tf.constant([y, x]), tf.constant([h, w])).numpy()
+        assert win.shape == (h, w, 3)
+        want = full[y:y + h, x:x + w]
+        if subsampling == 0:
+            np.testing.assert_array_equal(win, want)
+        else:
+            np.testing.assert_array_equal(win[:, 1:-1], want[:, 1:-1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not 48x80 as the manifest says"):
+        tf_decode_window_u8(tf.constant(data), ImageSpec(48, 80, 3, "jpeg"), tf.constant([0, 0]), tf.constant([8, 8]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than the image size in the manifest"):
+        tf_decode_window_u8(tf.constant(data), ImageSpec(40, 64, 3, "jpeg"), tf.constant([0, 0]), tf.constant([8, 8]))
+
+
 def test_unit_and_none_normalisation_modes(data_uri):
     from pipeline.dataset import eval_dataset
 

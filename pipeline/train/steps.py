@@ -102,18 +102,23 @@ class TrainStep:
     phase, split:
         The fine-tuning phase and the model's :class:`~pipeline.train.finetune.Split`
         (None without a schedule: every trainable variable, one optimizer).
+    model_input:
+        Batch images -> the model's input, traced into the step (the loader's uint8 pixels
+        normalised there, on the device); identity when None.
     """
 
     def __init__(self, hvd: Any, model: Any, opts: Optimizers, *, rate: Callable[[Any], Any], num_classes: int,
                  label_smoothing: float, mixed: bool, compression: str = "none", accumulate_steps: int = 1,
                  phase: str = "full", split: Optional["Split"] = None, backbone_lr_multiplier: float = 1.0,
-                 class_weights: Optional[Sequence[float]] = None) -> None:
+                 class_weights: Optional[Sequence[float]] = None,
+                 model_input: Optional[Callable[[Any], Any]] = None) -> None:
         import tensorflow as tf
 
         from pipeline.train.class_weights import weighted_loss
 
         self.hvd, self.model, self.opts, self.rate = hvd, model, opts, rate
         self.num_classes, self.mixed, self.k = num_classes, mixed, int(accumulate_steps)
+        self.model_input = model_input or (lambda x: x)
         self.phase, self.split, self.multiplier = phase, split, float(backbone_lr_multiplier)
         self.compression = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
         # train.class_weight: each example's loss times its class's weight, the same table on every rank
@@ -144,6 +149,7 @@ class TrainStep:
         """``(tape, loss, scaled loss, probs)`` of one (micro-)batch."""
         import tensorflow as tf
 
+        x = self.model_input(x)
         with tf.GradientTape() as tape:
             probs = self.split.forward(x, self.phase) if self.split is not None else self.model(x, training=True)
             loss = self.loss_of(y, probs)
@@ -218,13 +224,16 @@ class TrainStep:
         self.opts.backbone.apply_gradients(zip(bb_grads, self.backbone_vars))
 
 
-def eval_step(model: Any) -> Callable[[Any, Any], Tuple[Any, ...]]:
-    """One compiled validation step: ``(loss sum, correct, n)``."""
+def eval_step(model: Any, model_input: Optional[Callable[[Any], Any]] = None) -> Callable[[Any, Any], Tuple[Any, ...]]:
+    """One compiled validation step: ``(loss sum, correct, n)``; ``model_input`` as in :class:`TrainStep`."""
     import keras
     import tensorflow as tf
 
+    prepare = model_input or (lambda x: x)
+
     @tf.function
     def step(x: Any, y: Any) -> Tuple[Any, ...]:
+        x = prepare(x)
         probs = tf.cast(model(x, training=False), tf.float32)
         losses = keras.losses.sparse_categorical_crossentropy(tf.cast(y, tf.int32), probs)
         return tf.reduce_sum(losses), _accuracy_sum(probs, y), tf.shape(y)[0]
