@@ -1,6 +1,8 @@
 """Per-image cleaning (pipeline.imaging.clean) and placement (pipeline.ingest.layout), without Spark: each reject reason, each normalisation, each resize policy."""
 from __future__ import annotations
 
+import dataclasses
+
 import io
 from collections import Counter
 
@@ -185,6 +187,26 @@ def test_large_jpeg_draft_decode_still_covers_the_target():
     for policy in ("center_crop", "stretch", "pad"):
         r = clean(jpeg_bytes(big), "big.jpg", im.ImageOptions(height=120, width=100, resize_policy=policy))
         assert decode(r).shape == (120, 100, 3)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_reduced_scale_jpeg_decode_keeps_the_orientation_and_the_picture(orientation):
+    """A 2400x1600 original stored at 96x64: the DCT-scaled decode (1/8 here) gives what the full
+    decode gives, up to resampling, with EXIF rotation applied (black half where it belongs)."""
+    yy, xx = np.mgrid[0:1600, 0:2400]
+    arr = np.stack([(xx // 10) % 256, (yy // 7) % 256, np.full_like(xx, 128)], -1).astype(np.uint8)
+    arr[:, :1200] = 0  # the left half black (before the rotation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = jpeg_bytes(Image.fromarray(arr), exif=exif.tobytes())
+    h, w = (96, 64) if orientation in (6, 8) else (64, 96)
+    opts = im.ImageOptions(height=h, width=w, resize_policy="stretch")
+    reduced = decode(clean(data, "big.jpg", opts)).astype(np.float64)
+    full = decode(clean(data, "big.jpg", dataclasses.replace(opts, jpeg_reduced_decode=False))).astype(np.float64)
+    assert reduced.shape == full.shape == (h, w, 3)
+    assert np.abs(reduced - full).mean() < 3.0
+    black = {1: reduced[:, : w // 2 - 2], 6: reduced[: h // 2 - 2], 8: reduced[h // 2 + 2:]}[orientation]
+    assert black.max() < 40, "the black half is not where the EXIF orientation puts it"
 
 
 def test_jpeg_output_and_stats_describe_the_stored_bytes():

@@ -52,6 +52,7 @@ class ImageOptions:
     resize_policy: str = "center_crop"
     encode_format: str = "png"
     jpeg_quality: int = 95
+    jpeg_reduced_decode: bool = True
     png_compress_level: int = 1
     min_side: int = 8
     max_pixels: int = 40_000_000
@@ -67,7 +68,7 @@ class ImageOptions:
         return cls(
             height=cfg.height, width=cfg.width, color_mode=cfg.color_mode, resize_policy=cfg.resize_policy,
             encode_format=cfg.encode_format, jpeg_quality=cfg.jpeg_quality,
-            png_compress_level=cfg.png_compress_level, min_side=cfg.min_side,
+            jpeg_reduced_decode=cfg.jpeg_reduced_decode, png_compress_level=cfg.png_compress_level, min_side=cfg.min_side,
             max_pixels=cfg.max_pixels, animated=cfg.animated, image_extensions=tuple(cfg.image_extensions),
             alpha_background=cfg.alpha_background, pad_value=cfg.pad_value,
             thresholds=quality.QualityThresholds(**cfg.quality.model_dump()), reject_flags=tuple(cfg.reject_flags),
@@ -253,7 +254,7 @@ def clean_image(data: bytes, path: str, opts: ImageOptions) -> Cleaned | Rejecte
             return Rejected(ANIMATED, f"{n_frames} frames and ingest.animated=reject")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if im.format == "JPEG" and opts.resize_policy != "pad":
+            if im.format == "JPEG" and opts.resize_policy != "pad" and opts.jpeg_reduced_decode:
                 # Decode at the smallest DCT scale that still covers the target: same result
                 # quality, several times less work for large photos.
                 orientation = im.getexif().get(0x0112, 1)
