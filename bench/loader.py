@@ -16,6 +16,16 @@ row groups), then measures, each in a fresh child process so peak RSS is its own
   fills it), never the cheaper in-memory passes that follow.
 * ``train_step``: the default model's (``compact_cnn``) training step rate on this CPU.
 
+The 224-px photo case (``photo_*``): 2,000 real photos (bench/ingest.py's, cut from the
+photos bundled in the scikit-image wheel) cleaned by ingest's own ``clean_image`` to
+224x224 RGB, stored once as JPEG (quality 90) and once as PNG (level 1), 8 row groups each.
+The loader runs as the trainer runs it: uint8 batches, the photo augmentation (random resized
+crop, decoding only the crop's window for JPEG, + flip), streaming from Parquet (cache off).
+Runs pinned to one core (``sched_setaffinity``) give images/s *per core*; 2-core runs use 2
+reader threads. ``photo_baseline`` is a bare ``tf.data`` over ``pyarrow.dataset`` with the same
+decode and augmentation functions; ``float32`` is the loader normalising on the host (what
+training did before uint8 batches); ``cache`` is the decoded cache on (for its peak RSS).
+
 Images/s are steady state: warm-up batches are skipped, start-up is reported apart.
 The last line is one JSON object; ``ratio`` = loader / baseline images/s.
 ``PIXELMILL_BENCH_QUICK=1`` runs a smoke check (a few batches, one round): it shows the
@@ -44,6 +54,13 @@ WARMUP = 2 if QUICK else 20
 STEPS = 10 if QUICK else 500  # 32,000 images measured per run
 TRAIN_ROW_GROUPS = 32
 ROUNDS = 1 if QUICK else 2
+PHOTOS = CACHE / "loader" / "photos"
+PHOTO_SIZE = 224
+PHOTO_STEPS = 3 if QUICK else 120  # 7,680 images: ~4 passes over the 2,000 photos
+PHOTO_WARMUP = 2 if QUICK else 10
+PHOTO_JPEG_QUALITY = 90
+#: images/s one H200 consumes training ResNet-50 in bf16 (../shared/STACK.md)
+GPU_IMAGES_PER_S = 4700
 
 
 def prepare() -> Path:
@@ -98,6 +115,70 @@ def prepare() -> Path:
     (tmp / "_PIXELMILL_COMMITTED").write_text("{}")
     tmp.rename(DATA)
     return DATA
+
+
+def prepare_photos(fmt: str) -> Path:
+    """bench/ingest.py's 2,000 photos, cleaned by ingest's ``clean_image`` to 224x224 RGB ``fmt``, in the ingest layout."""
+    out = PHOTOS / fmt
+    if (out / "_PIXELMILL_COMMITTED").is_file():
+        return out
+    import importlib.util
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.imaging.clean import ImageOptions, channel_mean_std, clean_image
+    from pipeline.schema import IMAGE_FIELDS, SPLIT_COLUMN
+
+    spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "bench" / "ingest.py")
+    bench_ingest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ingest)
+    files = sorted((bench_ingest.prepare_photos() / "data").rglob("*.jpg"))
+    classes = sorted({f.parent.name for f in files})
+    opts = ImageOptions(height=PHOTO_SIZE, width=PHOTO_SIZE, color_mode="RGB", encode_format=fmt,
+                        jpeg_quality=PHOTO_JPEG_QUALITY)
+    cleaned = [(f, clean_image(f.read_bytes(), str(f), opts)) for f in files]
+    sums = np.zeros(3)
+    sumsq = np.zeros(3)
+    count = 0
+    for _, c in cleaned:
+        sums += c.pixel_sum
+        sumsq += c.pixel_sumsq
+        count += c.pixel_count
+    types = {"string": pa.string(), "int": pa.int32(), "binary": pa.binary()}
+    schema = pa.schema([pa.field(f.name, types[f.spark_type], f.nullable) for f in IMAGE_FIELDS
+                        if f.name != SPLIT_COLUMN])
+    tmp = out.with_name(out.name + ".tmp")
+    d = tmp / "images" / "split=train"
+    d.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(cleaned), 9).astype(int)
+    for fi in range(2):  # 2 files x 4 row groups
+        with pq.ParquetWriter(str(d / f"part-{fi:05d}.parquet"), schema) as w:
+            for g in range(4 * fi, 4 * fi + 4):
+                part = cleaned[bounds[g]:bounds[g + 1]]
+                n = len(part)
+                w.write_table(pa.table({
+                    "image_id": [f"photo-{bounds[g] + i:05d}" for i in range(n)],
+                    "source_path": [f"file://{f}" for f, _ in part],
+                    "label": [f.parent.name for f, _ in part],
+                    "label_index": pa.array([classes.index(f.parent.name) for f, _ in part], pa.int32()),
+                    "height": pa.array([PHOTO_SIZE] * n, pa.int32()), "width": pa.array([PHOTO_SIZE] * n, pa.int32()),
+                    "channels": pa.array([3] * n, pa.int32()), "format": [fmt] * n,
+                    "image": pa.array([c.image for _, c in part], pa.binary()),
+                }, schema=schema))
+    stats = channel_mean_std(sums.tolist(), sumsq.tolist(), count)
+    manifest = {
+        "version": 1, "splits": {"train": len(cleaned)}, "row_groups": {"train": 8},
+        "classes": {c: i for i, c in enumerate(classes)},
+        "image": {"height": PHOTO_SIZE, "width": PHOTO_SIZE, "channels": 3, "color_mode": "RGB", "format": fmt},
+        "stats": {"mean": stats["mean"], "std": stats["std"]},
+        "bytes_per_image": sum(len(c.image) for _, c in cleaned) / len(cleaned),
+    }
+    (tmp / "_manifest.json").write_text(json.dumps(manifest))
+    (tmp / "_PIXELMILL_COMMITTED").write_text("{}")
+    tmp.rename(out)
+    return out
 
 
 def _peak_rss_mb() -> float:
@@ -175,15 +256,77 @@ def child(kind: str, overrides: List[str]) -> Dict[str, Any]:
             step()
         float(step())
         out = {"steps_per_s": n / (time.perf_counter() - start), "batch_size": cfg.train.batch_size}
+    elif kind in ("photo_loader", "photo_baseline"):
+        out = _photo_child(kind, cfg, t0)
     else:
         raise SystemExit(f"unknown child {kind}")
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
 
-def run_child(kind: str, overrides: List[str]) -> Dict[str, Any]:
+def _photo_child(kind: str, cfg: Any, t0: float) -> Dict[str, Any]:
+    """Images/s of the 224-px photo feed (``BENCH_PHOTO``: format, pixels, steps), uint8 unless asked."""
+    import tensorflow as tf
+
+    from pipeline.contracts import read_manifest
+    from pipeline.dataset import train_dataset
+    from pipeline.dataset.tfdata import _resize_to, crop_window
+    from pipeline.imaging.stored import ImageSpec, tf_decode_window_u8
+
+    opt = json.loads(os.environ["BENCH_PHOTO"])
+    root = PHOTOS / opt["fmt"]
+    uri = "file://" + str(root)
+    steps = opt.get("steps", PHOTO_STEPS)
+
+    def timed(ds: Any) -> Dict[str, float]:
+        it = iter(ds)
+        for _ in range(PHOTO_WARMUP):
+            next(it)
+        start = time.perf_counter()
+        c0 = time.process_time()
+        for _ in range(steps):
+            batch = next(it)
+        secs = time.perf_counter() - start
+        return {"images_per_s": steps * BATCH / secs, "cpu_per_wall": (time.process_time() - c0) / secs,
+                "startup_s": start - t0, "dtype": batch[0].dtype.name}
+
+    if kind == "photo_loader":
+        with train_dataset(uri, cfg, rank=0, size=1, batch_size=BATCH, seed=42, pixels=opt.get("pixels", "uint8")) as data:
+            out = timed(data.dataset)
+    else:
+        import pyarrow.dataset as pads
+
+        manifest = read_manifest(uri)
+        spec = ImageSpec.from_manifest(manifest)
+        aug = cfg.loader.augment
+        table = pads.dataset(str(root / "images" / "split=train"), format="parquet").to_table(
+            columns=["image", "label_index"])
+        images = table.column("image").to_numpy(zero_copy_only=False)
+        labels = table.column("label_index").to_numpy()
+
+        def decode(i: Any, x: Any, y: Any) -> Any:
+            s = tf.stack([tf.constant(7, tf.int64), i])
+            hw = (tf.image.extract_jpeg_shape(x)[:2] if spec.format == "jpeg"
+                  else tf.constant([spec.height, spec.width], tf.int32))
+            begin, size = crop_window(hw, s + tf.constant([3, 0], tf.int64), aug)
+            img = _resize_to(tf_decode_window_u8(x, spec, begin, size), spec, tf.uint8)
+            return tf.image.stateless_random_flip_left_right(img, seed=s), y
+
+        ds = (tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+              .shuffle(cfg.loader.shuffle_buffer, seed=1).enumerate()
+              .map(lambda i, xy: decode(i, *xy), num_parallel_calls=tf.data.AUTOTUNE)
+              .batch(BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+        out = timed(ds)
+    out["cores"] = len(os.sched_getaffinity(0))
+    return out
+
+
+def run_child(kind: str, overrides: List[str], photo: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    env = dict(os.environ)
+    if photo is not None:
+        env["BENCH_PHOTO"] = json.dumps(photo)
     proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(overrides)],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -191,8 +334,13 @@ def run_child(kind: str, overrides: List[str]) -> Dict[str, Any]:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        photo = json.loads(os.environ.get("BENCH_PHOTO", "{}"))
+        if photo.get("cores"):  # before TensorFlow sizes its thread pools
+            os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:photo["cores"]]))
         print(json.dumps(child(sys.argv[2], json.loads(sys.argv[3]))))
         return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "photos":
+        return photos_main()
     t = time.perf_counter()
     prepare()
     print(f"data ready in {time.perf_counter() - t:.1f}s: {DATA} (54,000 train images, {TRAIN_ROW_GROUPS} row groups)",
@@ -226,7 +374,9 @@ def main() -> int:
     print(f"train step (compact_cnn, batch {res['train_step']['batch_size']}): "
           f"{res['train_step']['steps_per_s']:.1f} steps/s = {step_ips:.0f} images/s; "
           f"loader / training = {res['loader']['images_per_s'] / step_ips:.1f}x")
+    photo = photos_bench()
     print(json.dumps({
+        **photo,
         "baseline_images_per_s": round(base, 1),
         "loader_images_per_s": round(res["loader"]["images_per_s"], 1),
         "loader_2_threads_images_per_s": round(res["loader_2_threads"]["images_per_s"], 1),
@@ -238,6 +388,70 @@ def main() -> int:
         "baseline_peak_rss_mb": round(res["baseline"]["peak_rss_mb"], 1),
         "ratio": round(res["loader"]["images_per_s"] / base, 3),
     }))
+    return 0
+
+
+PHOTO_AUG = ["loader.augment.flip_left_right=true", "loader.augment.random_resized_crop=true",
+             "loader.augment.crop_pad=0", "loader.cache_max_mb=0"]
+
+
+def photo_runs() -> Dict[str, Any]:
+    """name -> (kind, overrides, options): the 224-px photo feed's variants."""
+    one, two = ["loader.workers_count=1"], ["loader.workers_count=2"]
+    runs: Dict[str, Any] = {}
+    for fmt in ("jpeg", "png"):
+        runs[f"photo_baseline_{fmt}_1core"] = ("photo_baseline", PHOTO_AUG, {"fmt": fmt, "cores": 1})
+        runs[f"photo_loader_{fmt}_1core"] = ("photo_loader", PHOTO_AUG + one, {"fmt": fmt, "cores": 1})
+        runs[f"photo_loader_{fmt}_2cores"] = ("photo_loader", PHOTO_AUG + two, {"fmt": fmt, "cores": 2})
+    runs["photo_loader_jpeg_1core_float32"] = ("photo_loader", PHOTO_AUG + one,
+                                               {"fmt": "jpeg", "cores": 1, "pixels": "float32"})
+    runs["photo_loader_jpeg_cache"] = ("photo_loader", PHOTO_AUG[:-1] + two + ["loader.cache_max_mb=4096"],
+                                       {"fmt": "jpeg", "cores": 2})
+    return runs
+
+
+def photos_bench() -> Dict[str, Any]:
+    """The 224-px case: best of ROUNDS interleaved rounds of every variant; the figures for the JSON line."""
+    for fmt in ("jpeg", "png"):
+        prepare_photos(fmt)
+    runs = photo_runs()
+    res: Dict[str, Dict[str, Any]] = {}
+    for round_ in range(ROUNDS):
+        for name, (kind, overrides, opt) in runs.items():
+            r = run_child(kind, overrides, opt)
+            print(f"round {round_ + 1} {name:32s} {json.dumps(r)}", flush=True)
+            if name not in res or r["images_per_s"] > res[name]["images_per_s"]:
+                res[name] = r
+    size = {f: json.loads((PHOTOS / f / "_manifest.json").read_text())["bytes_per_image"] for f in ("jpeg", "png")}
+    print(f"\n224x224x3 photo feed (uint8 out, random resized crop + flip, streaming), "
+          f"bytes per image: JPEG q{PHOTO_JPEG_QUALITY} {size['jpeg']:.0f}, PNG {size['png']:.0f}")
+    print(f"{'':34s} {'images/s':>9s} {'per core':>9s} {'peak RSS MB':>12s}")
+    for name, r in res.items():
+        print(f"{name:34s} {r['images_per_s']:9.0f} {r['images_per_s'] / r['cores']:9.0f} {r['peak_rss_mb']:12.0f}")
+    jpeg, png = res["photo_loader_jpeg_1core"]["images_per_s"], res["photo_loader_png_1core"]["images_per_s"]
+    print(f"cores to feed {GPU_IMAGES_PER_S:,} images/s (one H200, ResNet-50 bf16): JPEG {GPU_IMAGES_PER_S / jpeg:.1f}, "
+          f"PNG {GPU_IMAGES_PER_S / png:.1f}")
+    return {
+        "jpeg_224_images_per_s_per_core": round(jpeg, 1),
+        "png_224_images_per_s_per_core": round(png, 1),
+        "jpeg_224_2cores_images_per_s": round(res["photo_loader_jpeg_2cores"]["images_per_s"], 1),
+        "png_224_2cores_images_per_s": round(res["photo_loader_png_2cores"]["images_per_s"], 1),
+        "jpeg_224_baseline_images_per_s_per_core": round(res["photo_baseline_jpeg_1core"]["images_per_s"], 1),
+        "png_224_baseline_images_per_s_per_core": round(res["photo_baseline_png_1core"]["images_per_s"], 1),
+        "ratio_jpeg_224_vs_baseline": round(jpeg / res["photo_baseline_jpeg_1core"]["images_per_s"], 3),
+        "ratio_png_224_vs_baseline": round(png / res["photo_baseline_png_1core"]["images_per_s"], 3),
+        "jpeg_224_float32_images_per_s_per_core": round(res["photo_loader_jpeg_1core_float32"]["images_per_s"], 1),
+        "cores_to_feed_4700_jpeg": round(GPU_IMAGES_PER_S / jpeg, 2),
+        "cores_to_feed_4700_png": round(GPU_IMAGES_PER_S / png, 2),
+        "jpeg_224_bytes_per_image": round(size["jpeg"]), "png_224_bytes_per_image": round(size["png"]),
+        "photo_peak_rss_mb_cache_off": round(res["photo_loader_jpeg_2cores"]["peak_rss_mb"], 1),
+        "photo_peak_rss_mb_cache_on": round(res["photo_loader_jpeg_cache"]["peak_rss_mb"], 1),
+    }
+
+
+def photos_main() -> int:
+    """``python bench/loader.py photos``: the 224-px case alone."""
+    print(json.dumps(photos_bench()))
     return 0
 
 
