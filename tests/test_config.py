@@ -12,7 +12,7 @@ def test_base_yaml_equals_model_defaults():
     assert load_config() == Config()
 
 
-@pytest.mark.parametrize("overlay", ["local.yaml", "cluster.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("overlay", ["local.yaml", "cluster.yaml", "gpu.yaml", "photos.yaml", "fashion_mnist.yaml"])
 def test_every_shipped_overlay_loads(overlay):
     cfg = load_config([overlay])
     assert isinstance(cfg, Config)
@@ -45,6 +45,9 @@ def test_config_is_frozen():
         ("ingest.split_fractions={train: 0.5, val: 0.1, test: 0.1}", "'ingest.split_fractions'"),
         ("bogus.key=1", "unknown config key 'bogus'"),
         ("ingest.color_mode=CMYK", "'ingest.color_mode'"),
+        ("loader.augment.crop_scale=[0.5,0.2]", "'loader.augment.crop_scale'"),
+        ("loader.augment.crop_scale=[0.1,1.5]", "needs 0 < low <= high <= 1"),
+        ("loader.augment.crop_ratio=[0,1]", "'loader.augment.crop_ratio'"),
     ],
 )
 def test_bad_values_name_the_key_in_one_line(override, needle):
