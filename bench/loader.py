@@ -256,7 +256,7 @@ def child(kind: str, overrides: List[str]) -> Dict[str, Any]:
             step()
         float(step())
         out = {"steps_per_s": n / (time.perf_counter() - start), "batch_size": cfg.train.batch_size}
-    elif kind in ("photo_loader", "photo_baseline"):
+    elif kind in ("photo_loader", "photo_baseline", "photo_score_decode"):
         out = _photo_child(kind, cfg, t0)
     else:
         raise SystemExit(f"unknown child {kind}")
@@ -290,6 +290,26 @@ def _photo_child(kind: str, cfg: Any, t0: float) -> Dict[str, Any]:
         return {"images_per_s": steps * BATCH / secs, "cpu_per_wall": (time.process_time() - c0) / secs,
                 "startup_s": start - t0, "dtype": batch[0].dtype.name}
 
+    if kind == "photo_score_decode":
+        # scoring's batch decoder (pipeline.score.worker) on Arrow batches of score.batch_size rows
+        import pyarrow.dataset as pads
+
+        from pipeline.imaging.stored import decode_images
+
+        spec = ImageSpec.from_manifest(read_manifest(uri))
+        col = pads.dataset(str(root / "images" / "split=train"), format="parquet").to_table(
+            columns=["image"]).column("image").combine_chunks()
+        n = cfg.score.batch_size
+        batches = [col.slice(i, n) for i in range(0, len(col) - n + 1, n)]
+        decode_images(batches[0], spec)
+        start = time.perf_counter()
+        rows = 0
+        for b in batches * (1 if QUICK else 2):
+            pixels, good, errors = decode_images(b, spec)
+            assert not errors
+            rows += len(b)
+        secs = time.perf_counter() - start
+        return {"images_per_s": rows / secs, "startup_s": start - t0, "cores": len(os.sched_getaffinity(0))}
     if kind == "photo_loader":
         with train_dataset(uri, cfg, rank=0, size=1, batch_size=BATCH, seed=42, pixels=opt.get("pixels", "uint8")) as data:
             out = timed(data.dataset)
@@ -403,6 +423,7 @@ def photo_runs() -> Dict[str, Any]:
         runs[f"photo_baseline_{fmt}_1core"] = ("photo_baseline", PHOTO_AUG, {"fmt": fmt, "cores": 1})
         runs[f"photo_loader_{fmt}_1core"] = ("photo_loader", PHOTO_AUG + one, {"fmt": fmt, "cores": 1})
         runs[f"photo_loader_{fmt}_2cores"] = ("photo_loader", PHOTO_AUG + two, {"fmt": fmt, "cores": 2})
+        runs[f"photo_score_decode_{fmt}_1core"] = ("photo_score_decode", [], {"fmt": fmt, "cores": 1})
     runs["photo_loader_jpeg_1core_float32"] = ("photo_loader", PHOTO_AUG + one,
                                                {"fmt": "jpeg", "cores": 1, "pixels": "float32"})
     runs["photo_loader_jpeg_cache"] = ("photo_loader", PHOTO_AUG[:-1] + two + ["loader.cache_max_mb=4096"],
@@ -441,6 +462,8 @@ def photos_bench() -> Dict[str, Any]:
         "ratio_jpeg_224_vs_baseline": round(jpeg / res["photo_baseline_jpeg_1core"]["images_per_s"], 3),
         "ratio_png_224_vs_baseline": round(png / res["photo_baseline_png_1core"]["images_per_s"], 3),
         "jpeg_224_float32_images_per_s_per_core": round(res["photo_loader_jpeg_1core_float32"]["images_per_s"], 1),
+        "score_decode_jpeg_224_images_per_s_per_core": round(res["photo_score_decode_jpeg_1core"]["images_per_s"], 1),
+        "score_decode_png_224_images_per_s_per_core": round(res["photo_score_decode_png_1core"]["images_per_s"], 1),
         "cores_to_feed_4700_jpeg": round(GPU_IMAGES_PER_S / jpeg, 2),
         "cores_to_feed_4700_png": round(GPU_IMAGES_PER_S / png, 2),
         "jpeg_224_bytes_per_image": round(size["jpeg"]), "png_224_bytes_per_image": round(size["png"]),

@@ -114,6 +114,9 @@ def run(spark: "SparkSession", cfg: Config, *, data_uri: str, model_uri: str, ou
             summary["timings"] = {"total_s": round(time.time() - t0, 3), "checks_s": round(checks_s, 3),
                                   "score_s": round(score_s, 3), "metrics_s": round(time.time() - t_metrics, 3)}
             summary["images_per_second"] = round(rows_in / score_s, 1) if score_s > 0 else None
+            cores = max(1, int(spark.sparkContext.defaultParallelism))
+            summary["images_per_second_per_core"] = (round(rows_in / score_s / cores, 1) if score_s > 0
+                                                     else None)
     finally:
         set_job_description(spark, None)  # type: ignore[arg-type]
     tracking.log_scoring(model.card, cfg, filesystem(output_uri, spark), summary["version_root"], split=split,
