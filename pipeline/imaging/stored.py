@@ -74,28 +74,42 @@ class Normalization:
 
 # --- headers: size before decode --------------------------------------------
 
+#: JPEG start-of-frame markers (every coding; 0xC4, 0xC8 and 0xCC are other segments).
+_JPEG_FRAMES = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+
+
+def _jpeg_frame(data: bytes) -> Optional[Tuple[int, int, int, int, int]]:
+    """``(marker, width, height, components, precision)`` of a JPEG's start-of-frame segment, else None.
+
+    Walks the marker segments from the start of the image up to the frame header (tens of
+    bytes), skipping stray bytes between segments; no pixels are decoded.
+    """
+    i = 2
+    n = len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in _JPEG_FRAMES:
+            precision, h, w, comps = struct.unpack(">BHHB", data[i + 4:i + 10])
+            return int(marker), int(w), int(h), int(comps), int(precision)
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg = struct.unpack(">H", data[i + 2:i + 4])[0]
+        i += 2 + seg
+    return None
+
+
 def header_size(data: bytes) -> Optional[Tuple[int, int]]:
     """``(width, height)`` from a PNG or JPEG header without decoding pixels, else None."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         w, h = struct.unpack(">II", data[16:24])
         return int(w), int(h)
     if data[:2] == b"\xff\xd8":
-        i = 2
-        n = len(data)
-        while i + 9 < n:
-            if data[i] != 0xFF:
-                i += 1
-                continue
-            marker = data[i + 1]
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                h, w = struct.unpack(">HH", data[i + 5:i + 9])
-                return int(w), int(h)
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                i += 2
-                continue
-            seg = struct.unpack(">H", data[i + 2:i + 4])[0]
-            i += 2 + seg
-        return None
+        frame = _jpeg_frame(data)
+        return (frame[1], frame[2]) if frame is not None else None
     return None
 
 
@@ -149,43 +163,22 @@ def png_headers_match(data: np.ndarray, offsets: np.ndarray, spec: ImageSpec) ->
             & (hdr[:, 24] == 8) & (hdr[:, 25] == color))
 
 
-#: JPEG start-of-frame markers of the baseline, extended and progressive Huffman codings
-#: (the ones libjpeg decodes; arithmetic coding and lossless are not accepted on the fast path).
-_JPEG_SOF = (0xC0, 0xC1, 0xC2)
-
-
-def _jpeg_frame(data: bytes) -> Optional[Tuple[int, int, int, int]]:
-    """``(width, height, components, precision)`` from a JPEG's start-of-frame segment, else None."""
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker in _JPEG_SOF:
-            precision, h, w, comps = struct.unpack(">BHHB", data[i + 4:i + 10])
-            return int(w), int(h), int(comps), int(precision)
-        if 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return None  # a frame type the fast path does not take
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
-    return None
+#: The frames the fast path takes: baseline, extended and progressive Huffman coding (what
+#: libjpeg decodes); arithmetic coding and lossless go row by row through Pillow.
+_JPEG_FAST_FRAMES = (0xC0, 0xC1, 0xC2)
 
 
 def jpeg_headers_match(blobs: Sequence[Optional[bytes]], spec: ImageSpec) -> np.ndarray:
-    """:func:`png_headers_match` for JPEGs: True where the frame header says exactly ``spec``
-    (size, 8-bit, ``spec.channels`` components). Parses the markers up to the frame header
-    of every image (tens of bytes each), no pixels."""
+    """:func:`png_headers_match` for JPEGs: True where the frame header (:func:`_jpeg_frame`,
+    the walk :func:`header_size` does) says exactly ``spec``: size, 8-bit, ``spec.channels``
+    components, a frame type the fast decoder takes."""
     ok = np.zeros(len(blobs), dtype=bool)
     if spec.format != "jpeg":
         return ok
     want = (spec.width, spec.height, spec.channels, 8)
     for i, b in enumerate(blobs):
-        ok[i] = b is not None and b[:2] == b"\xff\xd8" and _jpeg_frame(b) == want
+        frame = _jpeg_frame(b) if b is not None and b[:2] == b"\xff\xd8" else None
+        ok[i] = frame is not None and frame[0] in _JPEG_FAST_FRAMES and frame[1:] == want
     return ok
 
 
@@ -313,7 +306,7 @@ _WORKER_DECODERS: Dict["ImageSpec", Any] = {}
 def worker_decoder(spec: ImageSpec) -> Any:
     """A ``tf.function`` decoding a batch of encoded images to float32 ``(n, h, w, c)`` 0..255 pixels.
 
-    Only for images whose header :func:`headers_match` accepted
+    Only for images whose header :func:`png_headers_match` / :func:`jpeg_headers_match` accepted
     (exact size, 8-bit, ``spec.channels``): the bomb check happens before, on the whole batch.
     """
     hit = _WORKER_DECODERS.get(spec)
