@@ -48,13 +48,11 @@ class LoadedDataset:
     image: ImageSpec
     normalization: Normalization
     classes: Dict[str, int] = field(default_factory=dict)
-    #: ``float32`` (normalised) or ``uint8`` (stored pixels: normalise with :meth:`model_input`).
-    pixels: str = "float32"
     _source: Optional[ReaderSource] = field(default=None, repr=False)
 
     def model_input(self, x: Any) -> Any:
-        """A batch's images as the model takes them (float32, normalised); call it inside the
-        compiled step so a uint8 batch is converted on the accelerator."""
+        """A batch's images as the model takes them (float32, normalised; a ``pixels="uint8"``
+        batch is cast and normalised): call it inside the compiled step, so that runs on the accelerator."""
         return model_input(x, self.normalization)
 
 
@@ -70,10 +68,9 @@ class _Split:
     loader: "LoaderConfig"
 
     def loaded(self, ds: "tf.data.Dataset", source: ReaderSource, *, rows: int, steps: Optional[int],
-               rank: int, size: int, batch_size: int, pixels: str) -> LoadedDataset:
+               rank: int, size: int, batch_size: int) -> LoadedDataset:
         return LoadedDataset(ds, rows, steps, self.layout.split, rank, size, batch_size, self.layout.num_rows,
-                             self.layout.num_row_groups, self.spec, self.norm, dict(self.manifest.classes),
-                             pixels, source)
+                             self.layout.num_row_groups, self.spec, self.norm, dict(self.manifest.classes), source)
 
 
 def _prepare(data_uri: str, cfg: Any, split: str, rank: int, size: int, batch_size: int) -> _Split:
@@ -151,8 +148,7 @@ def train_dataset(data_uri: str, cfg: "Config", *, rank: int, size: int, batch_s
             f"decoded shard cached in memory ({cache_mb:.1f} MiB)" if cached else
             f"streaming every pass (decoded shard {cache_mb:.1f} MiB > loader.cache_max_mb={loader.cache_max_mb})",
         )
-        yield s.loaded(ds, source, rows=shard_rows, steps=steps, rank=rank, size=size, batch_size=batch_size,
-                       pixels=pixels)
+        yield s.loaded(ds, source, rows=shard_rows, steps=steps, rank=rank, size=size, batch_size=batch_size)
     finally:
         source.close()
 
@@ -186,7 +182,6 @@ def eval_dataset(data_uri: str, cfg: "Config", *, split: str, rank: int, size: i
             ds = empty(s.spec, columns, pixels)
         log.info("eval data %s split=%s: %d rows in %d row groups; rank %d/%d sees %d rows",
                  s.data_uri, split, layout.num_rows, layout.num_row_groups, rank, size, rows)
-        yield s.loaded(ds, source, rows=rows, steps=None, rank=rank, size=size, batch_size=batch_size,
-                       pixels=pixels)
+        yield s.loaded(ds, source, rows=rows, steps=None, rank=rank, size=size, batch_size=batch_size)
     finally:
         source.close()

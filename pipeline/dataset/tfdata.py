@@ -88,7 +88,7 @@ def resized_crop(x: Any, seed: Any, aug: "AugmentConfig", spec: ImageSpec) -> An
     return tf.map_fn(lambda a: one(a[0], a[1]), (x, seeds), fn_output_signature=tf.TensorSpec(spec.shape, x.dtype))
 
 
-def augment(x: Any, seed: Any, aug: "AugmentConfig", spec: ImageSpec, pad_value: Sequence[float] = ()) -> Any:
+def augment(x: Any, seed: Any, aug: "AugmentConfig", spec: ImageSpec, pad_value: Sequence[int] = ()) -> Any:
     """Random flip / pad-and-crop with stateless ops keyed by ``seed`` (reproducible).
 
     ``x`` is one image ``(h, w, c)`` (streaming: per element) or a batch ``(b, h, w, c)``
@@ -127,25 +127,23 @@ def augment(x: Any, seed: Any, aug: "AugmentConfig", spec: ImageSpec, pad_value:
     return x
 
 
-def _augmenter(loader: "LoaderConfig", spec: ImageSpec, seed: int, rank: int,
-               pad_value: Sequence[float] = ()) -> Callable[[Any, Any], Any]:
-    """``(x, i) -> x`` flipped / padded-and-cropped with draws keyed by element (or batch) index ``i``."""
-    import tensorflow as tf
-
-    aug = loader.augment
-    if not (aug.flip_left_right or aug.crop_pad > 0):
-        return lambda x, i: x
-    base = tf.constant(derived_seed(seed, rank, AUGMENT), tf.int64)
-    return lambda x, i: augment(x, tf.stack([base, i]), aug, spec, pad_value)
-
-
 def _seed_of(seed: int, rank: int, i: Any) -> Any:
+    """The stateless seed of element (or batch) ``i`` of rank ``rank``'s stream: ``(base, i)``."""
     import tensorflow as tf
 
     return tf.stack([tf.constant(derived_seed(seed, rank, AUGMENT), tf.int64), tf.cast(i, tf.int64)])
 
 
-def _u8_pad_value(norm: Normalization) -> Tuple[float, ...]:
+def _augmenter(loader: "LoaderConfig", spec: ImageSpec, seed: int, rank: int,
+               pad_value: Sequence[int] = ()) -> Callable[[Any, Any], Any]:
+    """``(x, i) -> x`` flipped / padded-and-cropped with draws keyed by element (or batch) index ``i``."""
+    aug = loader.augment
+    if not (aug.flip_left_right or aug.crop_pad > 0):
+        return lambda x, i: x
+    return lambda x, i: augment(x, _seed_of(seed, rank, i), aug, spec, pad_value)
+
+
+def _u8_pad_value(norm: Normalization) -> Tuple[int, ...]:
     """The channel means as uint8 pixel values: what padding a uint8 image with "the mean" means."""
     return tuple(int(min(255, max(0, round(m)))) for m in norm.mean)
 

@@ -68,7 +68,8 @@ class ImageOptions:
         return cls(
             height=cfg.height, width=cfg.width, color_mode=cfg.color_mode, resize_policy=cfg.resize_policy,
             encode_format=cfg.encode_format, jpeg_quality=cfg.jpeg_quality,
-            jpeg_reduced_decode=cfg.jpeg_reduced_decode, png_compress_level=cfg.png_compress_level, min_side=cfg.min_side,
+            jpeg_reduced_decode=cfg.jpeg_reduced_decode, png_compress_level=cfg.png_compress_level,
+            min_side=cfg.min_side,
             max_pixels=cfg.max_pixels, animated=cfg.animated, image_extensions=tuple(cfg.image_extensions),
             alpha_background=cfg.alpha_background, pad_value=cfg.pad_value,
             thresholds=quality.QualityThresholds(**cfg.quality.model_dump()), reject_flags=tuple(cfg.reject_flags),
