@@ -46,7 +46,7 @@ def _stripes(label: str, rng: np.random.Generator, size: int, channels: int) -> 
     return img[..., 0] if channels == 1 else img
 
 
-def _png(arr: np.ndarray, fmt: str = "png") -> bytes:
+def _encoded(arr: np.ndarray, fmt: str = "png") -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -66,7 +66,7 @@ def write_ingest_output(spark, root: Path, *, split_sizes: Dict[str, int], label
         for i in range(n):
             label = CLASSES[i % len(CLASSES)]
             arr = _stripes(label, rng, SIZE, channels)
-            data = _png(arr, fmt)
+            data = _encoded(arr, fmt)
             rows.append({
                 "image_id": hashlib.sha256(data).hexdigest(),
                 "source_path": f"file:///raw/{split}/{label}/{label} {i:03d} ünï.png",
@@ -487,13 +487,13 @@ def test_batch_header_check_accepts_exactly_what_the_per_image_check_and_decoder
     from pipeline.imaging.stored import ImageSpec, _binary_layout, check_header, png_headers_match
 
     rng = np.random.default_rng(1)
-    rgb = _png(_stripes("vertical", rng, SIZE, 3))
+    rgb = _encoded(_stripes("vertical", rng, SIZE, 3))
     cases = {
         "rgb ok": (rgb, True),
         "bomb": (_bomb(), False),
-        "other size": (_png(_stripes("vertical", rng, SIZE + 1, 3)), False),
-        "grey in an rgb dataset": (_png(_stripes("vertical", rng, SIZE, 1)), False),
-        "rgba": (_png(np.dstack([_stripes("vertical", rng, SIZE, 3), np.full((SIZE, SIZE), 255, np.uint8)])), False),
+        "other size": (_encoded(_stripes("vertical", rng, SIZE + 1, 3)), False),
+        "grey in an rgb dataset": (_encoded(_stripes("vertical", rng, SIZE, 1)), False),
+        "rgba": (_encoded(np.dstack([_stripes("vertical", rng, SIZE, 3), np.full((SIZE, SIZE), 255, np.uint8)])), False),
         "16-bit header": (_bomb(SIZE, SIZE, bits=16), False),
         "palette header": (_bomb(SIZE, SIZE, color_type=3), False),
         "not an image": (b"not an image", False),
@@ -520,15 +520,15 @@ def test_jpeg_header_check_accepts_exactly_the_jpegs_the_fast_decoder_may_take()
     from pipeline.imaging.stored import ImageSpec, jpeg_headers_match
 
     rng = np.random.default_rng(2)
-    rgb = _png(_stripes("vertical", rng, SIZE, 3), "jpeg")
+    rgb = _encoded(_stripes("vertical", rng, SIZE, 3), "jpeg")
     buf = io.BytesIO()
     Image.fromarray(_stripes("vertical", rng, SIZE, 3)).save(buf, "JPEG", progressive=True)
     cases = {
         "rgb ok": (rgb, True),
         "progressive ok": (buf.getvalue(), True),
-        "other size": (_png(_stripes("vertical", rng, SIZE + 8, 3), "jpeg"), False),
-        "grey in an rgb dataset": (_png(_stripes("vertical", rng, SIZE, 1), "jpeg"), False),
-        "a png": (_png(_stripes("vertical", rng, SIZE, 3)), False),
+        "other size": (_encoded(_stripes("vertical", rng, SIZE + 8, 3), "jpeg"), False),
+        "grey in an rgb dataset": (_encoded(_stripes("vertical", rng, SIZE, 1), "jpeg"), False),
+        "a png": (_encoded(_stripes("vertical", rng, SIZE, 3)), False),
         "truncated before the frame": (rgb[:10], False),
         "not an image": (b"\xff\xd8 not a jpeg at all", False),
         "empty": (b"", False),
@@ -578,9 +578,9 @@ def test_undecodable_and_oversized_images_are_rejected_not_lost(spark, cfg, kera
     # a PNG whose header is right but whose pixel data is cut short, and a greyscale PNG among RGB ones.
     bomb = _bomb()
     rng = np.random.default_rng(9)
-    truncated = _png(_stripes("diagonal", rng, SIZE, 3))
+    truncated = _encoded(_stripes("diagonal", rng, SIZE, 3))
     truncated = truncated[:len(truncated) // 2]
-    grey = _png(_stripes("diagonal", rng, SIZE, 1))
+    grey = _encoded(_stripes("diagonal", rng, SIZE, 1))
     data = write_ingest_output(spark, tmp_path / "d", split_sizes={"test": 10}, seed=5,
                                bad_rows=[(2, bomb), (7, b"not an image"), (4, truncated), (8, grey)])
     dm = json.loads((tmp_path / "d" / "_manifest.json").read_text())
@@ -678,7 +678,7 @@ def test_one_large_file_is_split_by_row_group_over_every_task_slot_without_a_shu
 
     rng = np.random.default_rng(3)
     n = 1200  # noise PNGs of ~850 bytes: one ~1 MB file, several times spark.sql.files.openCostInBytes
-    blobs = [_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
+    blobs = [_encoded(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(n)]
     root = tmp_path / "big"
     (root / "images" / "split=test").mkdir(parents=True)
     table = pa.table({
