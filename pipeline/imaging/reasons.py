@@ -15,6 +15,8 @@ CORRUPT = "corrupt"
 QUALITY_FLAG = "quality_flag"
 # ingest: driver-side checks
 FILE_TOO_LARGE = "file_too_large"
+#: listed but could not be opened or read (missing, permissions, vanished; an --input-list path that is not there)
+UNREADABLE = "unreadable"
 NO_LABEL = "no_label"
 DUPLICATE = "duplicate"
 LABEL_CONFLICT = "label_conflict"

@@ -37,7 +37,7 @@ PROCESSED_DDL = (
     "phash long, quality_flags array<string>, split_source string"
 )
 STAT_COLS = ("s0", "s1", "s2", "q0", "q1", "q2")
-_COLUMNS = tuple(c.split()[0] for c in PROCESSED_DDL.split(", "))
+COLUMNS = tuple(c.split()[0] for c in PROCESSED_DDL.split(", "))
 _IMAGE_ONLY = ("image", "height", "width", "channels", "format", *STAT_COLS, "npix", "phash", "quality_flags")
 
 
@@ -114,29 +114,37 @@ def clean_batches(
     def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
             drop = faults.fire(fault, "ingest.batch")
-            rows: Dict[str, List[Any]] = {c: [] for c in _COLUMNS}
+            rows: Dict[str, List[Any]] = {c: [] for c in COLUMNS}
             for path, content in zip(pdf["path"].tolist(), pdf["content"].tolist()):
                 if drop:
                     drop = False
                     continue
-                for k, v in _clean_one(path, content, opts, label_source, where).items():
+                for k, v in clean_one(path, content, opts, label_source, where).items():
                     rows[k].append(v)
-            yield _frame(rows)
+            yield frame(rows)
 
     return fn
 
 
-def _clean_one(path: str, content: Optional[bytes], opts: imc.ImageOptions, label_source: str,
-               where: Mapping[str, Any]) -> Dict[str, Any]:
-    """One file's :data:`PROCESSED_DDL` row (image columns None for a reject)."""
+def clean_one(path: str, content: Optional[bytes], opts: imc.ImageOptions, label_source: str,
+              where: Mapping[str, Any], *, label: Optional[str] = None, split: Optional[str] = None) -> Dict[str, Any]:
+    """One file's :data:`PROCESSED_DDL` row (image columns None for a reject).
+
+    ``label`` / ``split`` (a path manifest's columns) win over the folder layout's: a given
+    split counts as a split folder (near-duplicate handling never moves it).
+    """
     data = bytes(content) if content is not None else b""
     iid = imc.image_id(data)
-    split, label, source = layout.placement(path, iid, **where)
+    placed_split, placed_label, source = layout.placement(path, iid, **where)
+    if split is not None:
+        placed_split, source = split, "folder"
+    if label is not None:
+        placed_label = label
     res = imc.clean_image(data, path, opts)
-    if isinstance(res, imc.Cleaned) and label_source == "folders" and label is None:
+    if isinstance(res, imc.Cleaned) and label_source == "folders" and placed_label is None:
         res = imc.Rejected(NO_LABEL, "file is not inside a class folder (<input>/[<split>/]<label>/...)")
-    row: Dict[str, Any] = {"source_path": layout.normalize_source(path), "image_id": iid, "label": label,
-                           "split": split, "split_source": source}
+    row: Dict[str, Any] = {"source_path": layout.normalize_source(path), "image_id": iid, "label": placed_label,
+                           "split": placed_split, "split_source": source}
     if not isinstance(res, imc.Cleaned):
         return {**row, "reason": res.reason, "detail": res.detail[:1000], **dict.fromkeys(_IMAGE_ONLY)}
     sums = list(res.pixel_sum) + [None] * (3 - len(res.pixel_sum))
@@ -146,7 +154,13 @@ def _clean_one(path: str, content: Optional[bytes], opts: imc.ImageOptions, labe
             "npix": res.pixel_count, "phash": res.phash, "quality_flags": list(res.flags)}
 
 
-def _frame(rows: Mapping[str, List[Any]]) -> pd.DataFrame:
+def reject_row(path: str, image_id: Optional[str], reason: str, detail: str) -> Dict[str, Any]:
+    """A :data:`PROCESSED_DDL` row for a file rejected without being cleaned (not placed: no split, no label)."""
+    return {"source_path": layout.normalize_source(path), "image_id": image_id, "label": None, "split": None,
+            "split_source": None, "reason": reason, "detail": detail[:1000], **dict.fromkeys(_IMAGE_ONLY)}
+
+
+def frame(rows: Mapping[str, List[Any]]) -> pd.DataFrame:
     """The batch's rows as a pandas frame whose dtypes match :data:`PROCESSED_DDL` (nullable ints)."""
     return pd.DataFrame({
         **{k: rows[k] for k in ("source_path", "image_id", "label", "split", "reason", "detail", "image")},
