@@ -148,6 +148,39 @@ def wait_for_task_slots(spark: "SparkSession", needed: int, timeout_s: float, po
     return slots
 
 
+@contextlib.contextmanager
+def progress(spark: "SparkSession", what: str, every_s: float = 10.0) -> Iterator[None]:
+    """Log the running stages' task counts every ``every_s`` seconds while the block runs.
+
+    A driver thread reads Spark's status tracker (the counts the Spark UI shows), so a long
+    listing or scan shows movement on the console, not only in the UI.
+    """
+    import threading
+
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def loop() -> None:
+        st = spark.sparkContext.statusTracker()
+        while not stop.wait(every_s):
+            try:
+                stages = [i for i in (st.getStageInfo(s) for s in st.getActiveStageIds()) if i is not None]
+            except Exception:  # noqa: BLE001 - the session is stopping: progress is best effort
+                return
+            if stages:
+                log.info("%s: %s, %.0fs", what, "; ".join(
+                    f"stage {i.stageId} {i.numCompletedTasks}/{i.numTasks} tasks done, {i.numActiveTasks} running"
+                    for i in sorted(stages, key=lambda i: i.stageId)), time.monotonic() - t0)
+
+    thread = threading.Thread(target=loop, name="pixelmill-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def set_job_description(spark: "SparkSession", text: str) -> None:
     spark.sparkContext.setJobDescription(text)
 
