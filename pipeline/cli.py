@@ -16,7 +16,7 @@ import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from pipeline.config import Config, load_config
-from pipeline.errors import PixelmillError
+from pipeline.errors import ConfigError, PixelmillError
 from pipeline.fs import to_uri
 
 log = logging.getLogger("pipeline")
@@ -78,7 +78,10 @@ def _split_flag(p: argparse.ArgumentParser, text: str) -> None:
 def build_parser(stage: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = _Parser(prog=prog or f"pixelmill {stage}", description=_DESCRIPTIONS[stage])
     if stage == "ingest":
-        p.add_argument("--input", required=True, help="raw images: <input>/[<split>/]<label>/.../<file>")
+        p.add_argument("--input", help="raw images: <input>/[<split>/]<label>/.../<file> (with --input-list: the "
+                                        "folder its relative paths and class folders are below)")
+        p.add_argument("--input-list", help="a Parquet file/folder or .csv of path[,label[,split]]: ingest exactly "
+                                             "these files, listed and read on executors")
         p.add_argument("--output", required=True, help="ingest output: images/, rejects/, _manifest.json")
         p.add_argument("--mode", default="error", choices=["error", "overwrite", "append"])
     elif stage == "train":
@@ -138,7 +141,10 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> Config:
 def stage_kwargs(stage: str, args: argparse.Namespace) -> Dict[str, Any]:
     """Keyword arguments of ``pipeline.<stage>.run`` from parsed flags (URIs normalised)."""
     if stage == "ingest":
-        return {"input_uri": to_uri(args.input), "output_uri": to_uri(args.output), "mode": args.mode}
+        if args.input is None and args.input_list is None:
+            raise ConfigError("ingest needs --input (a folder of images) or --input-list (a Parquet/CSV list of paths)")
+        return {"input_uri": to_uri(args.input) if args.input else None, "output_uri": to_uri(args.output),
+                "mode": args.mode, "input_list": to_uri(args.input_list) if args.input_list else None}
     if stage == "train":
         return {"data_uri": to_uri(args.data), "model_dir": to_uri(args.model_dir), "mode": args.mode,
                 "data_version": args.data_version}

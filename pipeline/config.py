@@ -109,6 +109,11 @@ class IngestConfig(_Section):
     #: When the layout has ``train/`` but no ``val/`` (or ``validation/``) folder, move a
     #: ``val / (train + val)`` share of train into val by content hash (e.g. Fashion-MNIST's train/test).
     carve_val_from_train: bool = True
+    #: Who lists the input: ``spark`` (Spark's file index on the driver: one status object per file
+    #: there before the first task) or ``executors`` (the driver lists folder names only; executor
+    #: tasks list each folder and read the files through pipeline.fs: for millions of files).
+    #: ``--input-list`` always lists on executors.
+    listing: Literal["spark", "executors"] = "spark"
     label_source: Literal["folders", "manifest", "none"] = "folders"
     #: CSV ``path,label`` used when label_source is ``manifest``.
     manifest_uri: Optional[str] = None

@@ -386,11 +386,16 @@ def test_append_adds_only_new_files_and_keeps_splits_and_classes(spark, tmp_path
     assert sorted(r["label_index"] for r in images_rows(out) if r["label"] == "birds") == [2, 2]
 
 
-def test_append_reads_only_the_files_new_or_modified_since_the_last_listing(spark, tmp_path):
+@pytest.mark.parametrize("listing", ["spark", "executors"])
+def test_append_reads_only_the_files_new_or_modified_since_the_last_listing(spark, tmp_path, listing):
     """Stored files older than the previous listing are already_ingested without being read: one
     overwritten in place with junk (its old mtime kept) still counts as ingested. New files that
-    arrive with old mtimes (cp -p, rsync -a) and modified files are read; counts add up."""
+    arrive with old mtimes (cp -p, rsync -a) and modified files are read; counts add up. The same
+    whether Spark's file index lists the input or executor tasks do."""
     import time
+
+    def cfg_for(*overrides: str):
+        return cfg_with(f"ingest.listing={listing}", *overrides)
 
     def age(*paths: Path) -> None:
         old = time.time() - 86_400
@@ -402,7 +407,7 @@ def test_append_reads_only_the_files_new_or_modified_since_the_last_listing(spar
     (raw / "cats" / "empty.png").write_bytes(b"")
     age(*[p for p in raw.rglob("*") if p.is_file()])
     out = tmp_path / "out"
-    first = ingest.run(spark, cfg_with(), input_uri=uri(raw), output_uri=uri(out), mode="error")
+    first = ingest.run(spark, cfg_for(), input_uri=uri(raw), output_uri=uri(out), mode="error")
     assert first["run"]["files_read"] == 13 and set(manifest(out)["listed_at"]) == {uri(raw)}
 
     victim = raw / "dogs" / "img_1_000.png"
@@ -414,7 +419,7 @@ def test_append_reads_only_the_files_new_or_modified_since_the_last_listing(spar
     age(*new, raw / "dogs" / "new_empty.png", raw / "dogs" / "huge.png")
     modified = raw / "cats" / "img_1_001.png"
     modified.write_bytes(png_bytes(noise(777, 12, 12)))
-    s = ingest.run(spark, cfg_with("ingest.max_file_mb=1"), input_uri=uri(raw), output_uri=uri(out), mode="append")
+    s = ingest.run(spark, cfg_for("ingest.max_file_mb=1"), input_uri=uri(raw), output_uri=uri(out), mode="append")
     # read: the 2 new files and the modified one; 11 stored files and the stored empty one are not
     assert s["run"] == {"files_seen": 17, "accepted": 3, "already_ingested": 12, "files_read": 3,
                         "rejected": {"already_ingested": 12, "empty": 1, "file_too_large": 1}}
@@ -430,14 +435,14 @@ def test_append_reads_only_the_files_new_or_modified_since_the_last_listing(spar
 
     # nothing modified since: nothing is read, every file is already ingested, nothing is written
     age(modified)
-    s = ingest.run(spark, cfg_with("ingest.max_file_mb=1"), input_uri=uri(raw), output_uri=uri(out), mode="append")
+    s = ingest.run(spark, cfg_for("ingest.max_file_mb=1"), input_uri=uri(raw), output_uri=uri(out), mode="append")
     assert s["run"] == {"files_seen": 17, "accepted": 0, "already_ingested": 17, "files_read": 0,
                         "rejected": {"already_ingested": 17}}
     assert s["written"] == {"accepted": 0, "rejected": 0, "incremental": True}
     assert manifest(out)["files_seen"] == m["files_seen"]
 
     # ingest.skip_unchanged=false reads every file: the junk is found
-    s = ingest.run(spark, cfg_with("ingest.skip_unchanged=false"), input_uri=uri(raw), output_uri=uri(out),
+    s = ingest.run(spark, cfg_for("ingest.skip_unchanged=false"), input_uri=uri(raw), output_uri=uri(out),
                    mode="append")
     assert s["run"]["files_read"] == 17
     assert [r["reason"] for r in rejects_rows(out) if rel(r["source_path"], raw) == "dogs/img_1_000.png"] == [
@@ -640,3 +645,83 @@ def test_a_driver_killed_at_each_commit_step_leaves_the_old_version_or_the_new_o
     listed = {f.path.split("/")[1] for f in committed(filesystem(uri(out)), uri(out)).files}
     # an append's version lists the folders of the ones before it; nothing unlisted is left behind
     assert {p.name for p in (out / "_v").iterdir()} == listed and len(listed) == (1 if mode == "overwrite" else 3)
+
+
+# --- listing on executors ------------------------------------------------------------------
+
+def test_a_listing_on_executors_ingests_exactly_what_sparks_file_index_does(spark, corpus, corpus_run, tmp_path):
+    """Every odd file of the corpus (empty, too large, hidden, nested, non-image, duplicate, long name)
+    gets the same row whether Spark's file index lists it on the driver or executor tasks do."""
+    root, _ = corpus
+    out, _ = corpus_run
+    alt = tmp_path / "executors"
+    summary = ingest.run(spark, cfg_with("ingest.listing=executors"), input_uri=uri(root), output_uri=uri(alt))
+    key = lambda r: r["image_id"]  # noqa: E731
+    assert sorted(images_rows(alt), key=key) == sorted(images_rows(out), key=key)
+    by_path = lambda r: r["source_path"]  # noqa: E731
+    assert sorted(rejects_rows(alt), key=by_path) == sorted(rejects_rows(out), key=by_path)
+    m1, m2 = manifest(out), manifest(alt)
+    assert m2["config"].pop("listing") == "executors" and m1["config"].pop("listing") == "spark"
+    assert comparable(m2) | {"output_uri": None} == comparable(m1) | {"output_uri": None}
+    assert summary["files_seen"] == m1["files_seen"]
+
+
+def test_a_path_manifest_ingests_exactly_its_files_with_its_labels_and_splits(spark, tmp_path):
+    """``--input-list``: only the listed files are ingested (others in the folder are not even
+    counted), the list's label and split win over the folders, relative and absolute paths both
+    work, and a listed file that is not there is an ``unreadable`` reject, not a crash."""
+    import pyarrow as pa
+
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"cats": 3, "dogs": 3}, seed=4, size=12)
+    (raw / "cats" / "empty.png").write_bytes(b"")
+    rows = [
+        ("cats/img_4_000.png", "tabby", "val"),      # the list's label and split win
+        ("cats/img_4_001.png", None, "TRAIN"),       # label from the folder, split given (any case)
+        (str(raw / "dogs" / "img_4_000.png"), None, None),  # absolute path: label from the folder, hashed split
+        (uri(raw) + "/dogs/img_4_001.png", "dogs", "test"),
+        ("cats/empty.png", None, None),
+        ("cats/gone.png", "cats", None),
+    ]
+    listed = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": [r[0] for r in rows], "label": [r[1] for r in rows],
+                             "split": [r[2] for r in rows]}), listed)
+    out = tmp_path / "out"
+    s = ingest.run(spark, cfg_with(), input_uri=uri(raw), input_list=uri(listed), output_uri=uri(out))
+    got = {rel(r["source_path"], raw): (r["label"], r["split"]) for r in images_rows(out)}
+    assert got["cats/img_4_000.png"] == ("tabby", "val")
+    assert got["cats/img_4_001.png"] == ("cats", "train")
+    assert got["dogs/img_4_001.png"] == ("dogs", "test")
+    assert got["dogs/img_4_000.png"][0] == "dogs" and set(got) == {
+        "cats/img_4_000.png", "cats/img_4_001.png", "dogs/img_4_000.png", "dogs/img_4_001.png"}
+    rejected = {rel(r["source_path"], raw): (r["reason"], r["detail"]) for r in rejects_rows(out)}
+    assert rejected["cats/empty.png"][0] == "empty"
+    assert rejected["cats/gone.png"][0] == "unreadable" and "gone.png" in rejected["cats/gone.png"][1]
+    assert s["files_seen"] == 6 == s["accepted"] + sum(s["rejected"].values())
+    assert manifest(out)["input_list"] == uri(listed)
+
+    # a CSV list beside the images: --input defaults to the list's folder
+    csv = raw / "list.csv"
+    csv.write_text("path,label\ncats/img_4_002.png,\ndogs/img_4_002.png,hound\n")
+    out2 = tmp_path / "out2"
+    ingest.run(spark, cfg_with(), input_list=uri(csv), output_uri=uri(out2))
+    assert sorted((rel(r["source_path"], raw), r["label"]) for r in images_rows(out2)) == [
+        ("cats/img_4_002.png", "cats"), ("dogs/img_4_002.png", "hound")]
+
+
+def test_a_bad_path_manifest_fails_before_writing_with_one_line_naming_the_fix(spark, tmp_path):
+    raw = tmp_path / "raw"
+    write_labelled(raw, {"cats": 1}, seed=5, size=12)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="does not exist"):
+        ingest.run(spark, cfg_with(), input_list=uri(tmp_path / "nope.csv"), output_uri=uri(out))
+    (tmp_path / "nopath.csv").write_text("file,label\ncats/img_5_000.png,cats\n")
+    with pytest.raises(ConfigError, match="no 'path' column"):
+        ingest.run(spark, cfg_with(), input_uri=uri(raw), input_list=uri(tmp_path / "nopath.csv"), output_uri=uri(out))
+    (tmp_path / "badsplit.csv").write_text("path,split\ncats/img_5_000.png,holdout\n")
+    with pytest.raises(ConfigError, match="1 rows have a split other than train, val, test"):
+        ingest.run(spark, cfg_with(), input_uri=uri(raw), input_list=uri(tmp_path / "badsplit.csv"), output_uri=uri(out))
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="ingest.listing=spark"):
+        ingest.run(spark, cfg_with("ingest.listing=executors"), input_uri="abfs://c@acct.dfs.core.windows.net/raw",
+                   output_uri=uri(out))

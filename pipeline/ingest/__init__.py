@@ -40,10 +40,11 @@ from pipeline.fs import FileSystem, filesystem, join, to_uri
 from pipeline.imaging.clean import ImageOptions
 from pipeline.imaging.reasons import ALREADY_INGESTED
 from pipeline.ingest import accounting, extract, layout, load, quality, transform, unchanged
+from pipeline.ingest import listing as executor_listing
 from pipeline.ingest.accounting import check_invariant, class_mapping
 from pipeline.ingest.layout import layout_has_val
 from pipeline.schema import QUALITY_FIELDS, REJECT_COLUMNS, SPLIT_COLUMN, STORED_IMAGE_COLUMNS
-from pipeline.spark import assert_on_driver, set_job_description, task_slots, temporary_confs
+from pipeline.spark import assert_on_driver, progress, set_job_description, task_slots, temporary_confs
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
@@ -69,6 +70,8 @@ class _Job:
     fault: Optional[faults.FaultPlan]
     in_fs: FileSystem
     committed: bool  #: a committed output already exists at ``output_uri``
+    input_list: Optional[str] = None  #: a path manifest (``--input-list``): the files to ingest
+    on_executors: bool = False  #: listed and read by executor tasks (:mod:`.listing`), not Spark's file index
 
 
 class _Prior(NamedTuple):
@@ -105,7 +108,8 @@ class _Outputs(NamedTuple):
     examples: Dict[str, Any]  #: thumbnails for the report (:data:`pipeline.contracts.QUALITY_EXAMPLES`)
 
 
-def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, mode: str = "error") -> Dict[str, Any]:
+def run(spark: "SparkSession", cfg: Config, *, input_uri: Optional[str] = None, output_uri: str, mode: str = "error",
+        input_list: Optional[str] = None) -> Dict[str, Any]:
     """Ingest ``input_uri`` into ``output_uri``; returns the manifest's counts.
 
     Parameters
@@ -115,14 +119,19 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
     cfg:
         The config; only ``cfg.ingest`` is used.
     input_uri, output_uri:
-        URIs (local paths are accepted and made absolute ``file://`` URIs).
+        URIs (local paths are accepted and made absolute ``file://`` URIs). With ``input_list``,
+        ``input_uri`` is the folder relative paths and class folders are taken from (default: the
+        list's folder).
     mode:
         ``error`` (refuse an existing output), ``overwrite`` or ``append``
         (ingest only files not already in the output; splits and classes kept).
+    input_list:
+        A path manifest (Parquet, or CSV with a header): column ``path`` and optionally ``label``
+        and ``split``. Only its files are ingested, listed and read on executors (:mod:`.listing`).
     """
     assert_on_driver()
     t0 = time.perf_counter()
-    job = _check_args(spark, cfg.ingest, input_uri=input_uri, output_uri=output_uri, mode=mode)
+    job = _check_args(spark, cfg.ingest, input_uri=input_uri, output_uri=output_uri, mode=mode, input_list=input_list)
     prior = _read_prior(job)
     timings: Dict[str, float] = {}
     with contextlib.ExitStack() as held:  # session confs and cached frames of this job, released at the end
@@ -134,18 +143,30 @@ def run(spark: "SparkSession", cfg: Config, *, input_uri: str, output_uri: str, 
 
 # --- the steps ------------------------------------------------------------------------
 
-def _check_args(spark: "SparkSession", icfg: IngestConfig, *, input_uri: str, output_uri: str, mode: str) -> _Job:
+def _check_args(spark: "SparkSession", icfg: IngestConfig, *, input_uri: Optional[str], output_uri: str, mode: str,
+                input_list: Optional[str] = None) -> _Job:
     """Every argument checked before anything is read or written (an uncommitted output is removed)."""
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
+    if input_list is not None:
+        input_list = to_uri(input_list)
+        if not filesystem(input_list, spark).exists(input_list):
+            raise ConfigError(f"--input-list {input_list} does not exist: pass a Parquet file or folder, or a .csv, "
+                              "with a 'path' column")
+        input_uri = input_uri or input_list.rsplit("/", 1)[0]
+    if input_uri is None:
+        raise ConfigError("ingest needs --input (a folder of images) or --input-list (a Parquet/CSV list of paths)")
     input_uri, output_uri = to_uri(input_uri), to_uri(output_uri)
+    on_executors = input_list is not None or icfg.listing == "executors"
+    if on_executors:
+        executor_listing.check_supported(input_uri)
     if layout.overlap(output_uri, input_uri):
         raise ConfigError(f"--output {output_uri} and --input {input_uri} overlap: choose an output outside the input")
     if icfg.label_source == "manifest" and icfg.manifest_uri is None:  # pragma: no cover - config validates
         raise ConfigError("ingest.label_source=manifest needs ingest.manifest_uri")
     fault = faults.armed()
     in_fs = filesystem(input_uri, spark)
-    if not in_fs.is_dir(input_uri):
+    if input_list is None and not in_fs.is_dir(input_uri):
         raise DataError(f"input {input_uri} is not an existing folder: pass the folder holding the class folders")
     if icfg.label_source == "manifest":
         csv = to_uri(icfg.manifest_uri or "")
@@ -154,7 +175,7 @@ def _check_args(spark: "SparkSession", icfg: IngestConfig, *, input_uri: str, ou
                               "(pass a CSV with a path,label header)")
     # also removes an uncommitted (crashed) write
     committed = check_output_mode(filesystem(output_uri, spark), output_uri, mode)
-    return _Job(spark, icfg, input_uri, output_uri, mode, fault, in_fs, committed)
+    return _Job(spark, icfg, input_uri, output_uri, mode, fault, in_fs, committed, input_list, on_executors)
 
 
 def _read_prior(job: _Job) -> Optional[_Prior]:
@@ -188,6 +209,8 @@ def _read_images(spark: "SparkSession", data: "Committed", manifest: IngestManif
 
 def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, timings: Dict[str, float]) -> _Scan:
     """List the input, size the scan (confs held until the job ends), clean every file."""
+    if job.on_executors:
+        return _extract_on_executors(job, prior, held, timings)
     spark, icfg = job.spark, job.cfg
     t = time.perf_counter()
     set_job_description(spark, f"ingest: list {job.input_uri}")
@@ -213,6 +236,59 @@ def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, tim
         extract.too_large_files(listing.raw, max_file_mb=icfg.max_file_mb, listed=skip.listed if skip else None),
         allowMissingColumns=True)
     return _Scan(listing, processed, carve is not None, slots, started, skip)
+
+
+def _extract_on_executors(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack,
+                          timings: Dict[str, float]) -> _Scan:
+    """:func:`_extract` with the listing and the reads on executors (:mod:`.listing`): the driver
+    holds folder names and counts, never a row per file."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    spark, icfg = job.spark, job.cfg
+    t = time.perf_counter()
+    started = unchanged.listed_at()
+    slots = task_slots(spark)
+    if job.input_list is not None:
+        set_job_description(spark, f"ingest: read the path list {job.input_list}")
+        listed = executor_listing.from_list(spark, job.input_list, job.input_uri)
+    else:
+        set_job_description(spark, f"ingest: list {job.input_uri} on executors")
+        listed, _ = executor_listing.list_files(spark, job.input_uri, slots=slots)
+    listed = _persisted(held, listed, StorageLevel.MEMORY_AND_DISK)
+    with progress(spark, "ingest: listing"):
+        counted = executor_listing.count(listed)
+    timings["list_s"] = round(time.perf_counter() - t, 3)
+    log.info("ingest: %d files under %s, listed on executors (%.1fs)", counted.files,
+             job.input_list or job.input_uri, timings["list_s"])
+    if counted.files == 0:
+        raise DataError(f"no files in {job.input_list}" if job.input_list else
+                        f"no files under {job.input_uri} (files whose names start with '.' or '_' are hidden)")
+    if counted.bad_splits:
+        raise ConfigError(f"--input-list {job.input_list}: {counted.bad_splits} rows have a split other than "
+                          f"{', '.join(layout.SPLIT_ORDER)}: fix them or leave the split empty (then it is hashed)")
+    max_bytes = icfg.max_file_mb * 1024 * 1024
+    to_read, skip, n, nbytes = listed, None, counted.files, counted.bytes
+    at = (unchanged.cutoff(icfg, prior.manifest.listed_at, job.input_uri)
+          if prior is not None and job.input_list is None else None)
+    if at is not None:
+        tt = time.perf_counter()
+        set_job_description(spark, "ingest: find the files unchanged since the last ingest")
+        stored = prior.images.select("source_path").unionByName(prior.rejects.select("source_path"))
+        skip = unchanged.plan(listed.withColumn("file_path", F.col("source_path")), stored, at, max_bytes=max_bytes,
+                              persist=lambda df: _persisted(held, df, StorageLevel.MEMORY_AND_DISK), named=False)
+        timings["unchanged_s"] = round(time.perf_counter() - tt, 3)
+        if skip is not None:
+            to_read, n, nbytes = skip.to_read, skip.files, skip.bytes
+    held.enter_context(temporary_confs(spark, extract.scan_confs(n, nbytes, slots, icfg.batch_rows)))
+    carve = _carve(job, prior)
+    fn = executor_listing.read_and_clean(ImageOptions.from_config(icfg), max_bytes=max_bytes, root_uri=job.input_uri,
+                                label_source=icfg.label_source, fractions=icfg.split_fractions, seed=icfg.seed,
+                                carve=carve, fault=job.fault)
+    tasks = executor_listing.read_tasks(n, nbytes, slots)
+    processed = to_read.repartition(tasks, "source_path").mapInPandas(fn, extract.PROCESSED_DDL)
+    return _Scan(extract.Listing(None, None, counted.files, counted.bytes), processed, carve is not None, slots,
+                 started, skip)
 
 
 def _skip_plan(job: _Job, prior: Optional[_Prior], listing: extract.Listing, held: contextlib.ExitStack,
@@ -274,14 +350,16 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     resolved = _persisted(held, resolved, StorageLevel.MEMORY_AND_DISK)
     t = time.perf_counter()
     set_job_description(spark, f"ingest: clean {listing.files_seen} files and group near-duplicates")
-    resolved, near, pairs = quality.apply(resolved, job.cfg, prior.images if prior is not None else None,
-                                          rows_at_most=listing.files_seen + (prior.manifest.accepted if prior else 0))
+    with progress(spark, f"ingest: cleaning {listing.files_seen} files"):
+        resolved, near, pairs = quality.apply(resolved, job.cfg, prior.images if prior is not None else None,
+                                              rows_at_most=listing.files_seen + (prior.manifest.accepted if prior else 0),
+                                              on_executors=job.on_executors)
     timings["near_dups_s"] = round(time.perf_counter() - t, 3)  # includes the scan, which it runs first
     groups = accounting.group_counts(resolved)
     if scan.skip is not None:  # the files not read are only counted
         groups.append(accounting.counted_group(ALREADY_INGESTED, scan.skip.unchanged))
     scanned = sum(g["n"] for g in groups)
-    if scanned < listing.files_seen:
+    if scanned < listing.files_seen and listing.raw is not None:
         # Spark's scan skips zero-byte files: only now, and only when some are missing, the
         # listing is compared with the scanned paths (one path-only pass, no content read).
         log.info("ingest: %d listed files never reach the scan (0 bytes)", listing.files_seen - scanned)
@@ -378,6 +456,8 @@ def _load(job: _Job, prior: Optional[_Prior], scan: _Scan, out: _Outputs, timing
             files_read=scan.skip.files if scan.skip else None, listed_at=scan.listed_at, row_groups=row_groups,
             timings=timings)
         manifest["quality"] = out.quality
+        if job.input_list is not None:
+            manifest["input_list"] = job.input_list
         staged.write_json(join(staging, QUALITY_EXAMPLES), out.examples)
         write_manifest(staged, staging, manifest)
         if incremental:  # the prior version's folders stay part of the output

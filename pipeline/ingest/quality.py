@@ -27,11 +27,13 @@ THUMB_SIDE = 96
 
 
 def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"], *,
-          rows_at_most: Optional[int] = None) -> "NearDuplicates":
+          rows_at_most: Optional[int] = None, on_executors: bool = False) -> "NearDuplicates":
     """``ingest.near_duplicates`` applied to ``df``; ``off`` adds the columns without looking for pairs.
 
     ``rows_at_most`` bounds the rows of ``df`` plus ``stored`` (files listed plus images stored):
     at most :data:`pipeline.ingest.near_dups.DRIVER_HASHES_MAX`, the groups are found on the driver.
+    ``on_executors`` (``ingest.listing: executors``): never a row per image or per hash on the
+    driver; the pairs are found by a join on the executors whatever the size.
     """
     from pyspark.sql import functions as F
 
@@ -45,6 +47,9 @@ def apply(df: "DataFrame", cfg: IngestConfig, stored: Optional["DataFrame"], *,
         log.warning("ingest: the output was written without perceptual hashes: near-duplicates are looked "
                     "for among the new files only (re-ingest with --mode overwrite to cover every image)")
         stored = None
+    if on_executors:
+        return with_near_duplicates(df, policy=cfg.near_duplicates, distance=cfg.near_dup_distance,
+                                    max_group=cfg.near_dup_max_group, stored=stored, driver_max=0)
     return with_near_duplicates(df, policy=cfg.near_duplicates, distance=cfg.near_dup_distance,
                                 max_group=cfg.near_dup_max_group, stored=stored, rows_at_most=rows_at_most)
 

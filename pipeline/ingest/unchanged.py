@@ -36,11 +36,13 @@ MAX_NAMED_PATHS = 200_000
 class Plan:
     """What an append reads (the pushed filter) and what it counts without reading."""
 
-    pushed: "Column"  #: the scan's file filter (``_metadata`` only: evaluated in the file index)
+    pushed: Optional["Column"]  #: the scan's file filter (``_metadata`` only: evaluated in the file index)
     listed: "DataFrame"  #: ``source_path`` and ``size`` of every listed non-empty file (persisted)
     files: int  #: files the scan reads
     bytes: int  #: their bytes
     unchanged: int  #: files counted ``already_ingested`` without being read (no row: only counted)
+    #: A listing on executors (``named=False``): its rows of the files to read or to reject on their size.
+    to_read: Optional["DataFrame"] = None
 
 
 def listed_at(now: Optional[dt.datetime] = None) -> str:
@@ -60,12 +62,14 @@ def cutoff(cfg: IngestConfig, prior_listed_at: Mapping[str, str], input_uri: str
 
 
 def plan(listed: "DataFrame", stored_paths: "DataFrame", at: dt.datetime, *, max_bytes: int,
-         persist: Callable[["DataFrame"], "DataFrame"]) -> Optional[Plan]:
+         persist: Callable[["DataFrame"], "DataFrame"], named: bool = True) -> Optional[Plan]:
     """Split the listing into files to read and unchanged files; None when the split saves nothing.
 
     ``listed`` is :func:`pipeline.ingest.extract.listed_files`; ``stored_paths`` the output's ``source_path``
     values (images and rejects); ``persist`` keeps the joined listing until the job ends (it is
     read by the counts, the path list, the too-large rejects and the zero-byte check).
+    ``named=False`` (a listing on executors, :mod:`pipeline.ingest.listing`): no path crosses to the
+    driver; the plan's ``to_read`` is the listing filtered to the files to read (and those too large).
     """
     from pyspark.sql import functions as F
 
@@ -77,13 +81,18 @@ def plan(listed: "DataFrame", stored_paths: "DataFrame", at: dt.datetime, *, max
     read = small & (~F.col("_stored") | (F.col("mtime") >= F.lit(at)))
     keep = small & F.col("_stored") & (F.col("mtime") < F.lit(at))
     counts = flagged.agg(
-        F.count(F.when(fresh, 1)).alias("fresh"), F.count(F.when(read, 1)).alias("read"),
+        F.count(F.when(fresh, 1)).alias("fresh"), F.count(F.when(read & (F.col("size") > 0), 1)).alias("read"),
         F.count(F.when(keep, 1)).alias("keep"), F.coalesce(F.sum(F.when(read, F.col("size"))), F.lit(0)).alias("bytes"),
     ).first()
     n_fresh, n_read, skipped = int(counts["fresh"]), int(counts["read"]), int(counts["keep"])
     if skipped == 0:
         log.info("ingest: every listed file is new or modified since %s: reading all", at.isoformat())
         return None
+    if not named:
+        log.info("ingest: %d listed files unchanged since %s (not read); reading %d (%d not stored yet)",
+                 skipped, at.isoformat(), n_read, n_fresh)
+        return Plan(None, flagged.select("source_path", "size"), n_read, int(counts["bytes"]), skipped,
+                    flagged.filter(read | ~small).drop("_stored", "file_path"))
     if n_fresh > MAX_NAMED_PATHS:
         log.info("ingest: %d files not stored yet (more than %d to name in the scan's filter): reading all",
                  n_fresh, MAX_NAMED_PATHS)
