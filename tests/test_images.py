@@ -276,3 +276,17 @@ def test_channel_mean_std_matches_numpy():
     np.testing.assert_allclose(got["mean"], x.mean(0), atol=1e-5)
     np.testing.assert_allclose(got["std"], x.std(0), atol=1e-5)
     assert im.channel_mean_std([0.0], [0.0], 0) == {"mean": None, "std": None}
+
+
+def test_every_reject_reason_is_documented():
+    """Each reason constant appears in the docs' reason vocabulary (ingest's table, scoring's list)."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    ingest_table = {line.split("|")[1].strip().strip("`") for line in (docs / "ingest.md").read_text().splitlines()
+                    if line.startswith("| `")}
+    score_text = (docs / "score.md").read_text()
+    values = {v for k, v in vars(reasons).items() if k.isupper() and isinstance(v, str)}
+    scoring = {reasons.WRONG_SIZE, reasons.WRONG_SHAPE, reasons.UNDECODABLE}
+    assert values - scoring - ingest_table == set()
+    assert all(f"`{r}`" in score_text for r in scoring)
