@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Dict, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional
 
 from pipeline.config import SparkConfig, redact_conf
 from pipeline.errors import ConfigError, PixelmillError
@@ -149,11 +149,14 @@ def wait_for_task_slots(spark: "SparkSession", needed: int, timeout_s: float, po
 
 
 @contextlib.contextmanager
-def progress(spark: "SparkSession", what: str, every_s: float = 10.0) -> Iterator[None]:
-    """Log the running stages' task counts every ``every_s`` seconds while the block runs.
+def progress(spark: "SparkSession", what: str, every_s: float = 10.0, *, counter: Any = None,
+             total: Optional[int] = None, unit: str = "files") -> Iterator[None]:
+    """Log progress every ``every_s`` seconds while the block runs.
 
-    A driver thread reads Spark's status tracker (the counts the Spark UI shows), so a long
-    listing or scan shows movement on the console, not only in the UI.
+    A driver thread reads Spark's status tracker (the task counts the Spark UI shows) and, when
+    given, ``counter``: an accumulator the tasks add their item counts to (its value grows as
+    tasks finish), logged as ``n[/total] <unit>, <rate> <unit>/s``. Retried or recomputed tasks
+    add again: the figure shows movement, the accounting counts come from the data.
     """
     import threading
 
@@ -165,12 +168,17 @@ def progress(spark: "SparkSession", what: str, every_s: float = 10.0) -> Iterato
         while not stop.wait(every_s):
             try:
                 stages = [i for i in (st.getStageInfo(s) for s in st.getActiveStageIds()) if i is not None]
+                n = int(counter.value) if counter is not None else None
             except Exception:  # noqa: BLE001 - the session is stopping: progress is best effort
                 return
-            if stages:
-                log.info("%s: %s, %.0fs", what, "; ".join(
-                    f"stage {i.stageId} {i.numCompletedTasks}/{i.numTasks} tasks done, {i.numActiveTasks} running"
-                    for i in sorted(stages, key=lambda i: i.stageId)), time.monotonic() - t0)
+            took = time.monotonic() - t0
+            parts = []
+            if n is not None:
+                parts.append(f"{n:,}{f'/{total:,}' if total is not None else ''} {unit}, {n / took:,.0f} {unit}/s")
+            parts.extend(f"stage {i.stageId} {i.numCompletedTasks}/{i.numTasks} tasks done, {i.numActiveTasks} running"
+                         for i in sorted(stages, key=lambda i: i.stageId))
+            if parts:
+                log.info("%s: %s, %.0fs", what, "; ".join(parts), took)
 
     thread = threading.Thread(target=loop, name="pixelmill-progress", daemon=True)
     thread.start()

@@ -213,3 +213,27 @@ def test_unarmed_environment_means_no_plan(monkeypatch):
     assert faults.armed() is None
     monkeypatch.setenv(faults.ENV, "score.batch:exit:partition=1:attempt=0")
     assert faults.armed() == faults.FaultPlan("score.batch", "exit", False, {"partition": 1, "attempt": 0}, None)
+
+
+def test_progress_logs_the_tasks_counts_while_a_job_runs(spark, caplog):
+    """``pipeline.spark.progress`` shows movement during a job: the accumulator's count against the
+    total and the running stage's task counts, from a driver thread, while the job runs."""
+    import logging
+    import time as _time
+
+    from pipeline.spark import progress
+
+    n = spark.sparkContext.accumulator(0)
+
+    def slow(batches):
+        for pdf in batches:
+            _time.sleep(0.3)
+            n.add(len(pdf))
+            yield pdf
+
+    with caplog.at_level(logging.INFO, logger="pipeline.spark"), progress(
+            spark, "test job", every_s=0.2, counter=n, total=40, unit="rows"):
+        assert spark.range(0, 40, 1, 8).mapInPandas(slow, "id long").count() == 40
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("test job: ")]
+    assert lines and all("/40 rows" in line for line in lines) and any("tasks done" in line for line in lines)
+    assert int(n.value) == 40  # every batch reported; the last lines come while the tasks still run

@@ -95,6 +95,7 @@ class _Scan(NamedTuple):
     slots: int  #: task slots the scan and the write are sized for
     listed_at: str  #: when the listing started (the next append's cutoff, :mod:`.unchanged`)
     skip: Optional[unchanged.Plan]  #: on append: the files decided without reading them
+    cleaned: Any = None  #: accumulator of the files the per-file step has done (progress only)
 
 
 class _Outputs(NamedTuple):
@@ -230,12 +231,14 @@ def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, tim
         held.enter_context(temporary_confs(
             spark, extract.scan_confs(skip.files, skip.bytes, slots, icfg.batch_rows)))
     carve = _carve(job, prior)
+    cleaned = spark.sparkContext.accumulator(0)
     fn = extract.clean_batches(ImageOptions.from_config(icfg), root_uri=job.input_uri, label_source=icfg.label_source,
-                               fractions=icfg.split_fractions, seed=icfg.seed, carve=carve, fault=job.fault)
+                               fractions=icfg.split_fractions, seed=icfg.seed, carve=carve, fault=job.fault,
+                               counter=cleaned)
     processed = extract.scanned(unchanged.reads(listing.raw, skip), fn, max_bytes=max_bytes).unionByName(
         extract.too_large_files(listing.raw, max_file_mb=icfg.max_file_mb, listed=skip.listed if skip else None),
         allowMissingColumns=True)
-    return _Scan(listing, processed, carve is not None, slots, started, skip)
+    return _Scan(listing, processed, carve is not None, slots, started, skip, cleaned)
 
 
 def _extract_on_executors(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack,
@@ -249,14 +252,15 @@ def _extract_on_executors(job: _Job, prior: Optional[_Prior], held: contextlib.E
     t = time.perf_counter()
     started = unchanged.listed_at()
     slots = task_slots(spark)
+    listed_n = spark.sparkContext.accumulator(0)
     if job.input_list is not None:
         set_job_description(spark, f"ingest: read the path list {job.input_list}")
         listed = executor_listing.from_list(spark, job.input_list, job.input_uri)
     else:
         set_job_description(spark, f"ingest: list {job.input_uri} on executors")
-        listed, _ = executor_listing.list_files(spark, job.input_uri, slots=slots)
+        listed, _ = executor_listing.list_files(spark, job.input_uri, slots=slots, counter=listed_n)
     listed = _persisted(held, listed, StorageLevel.MEMORY_AND_DISK)
-    with progress(spark, "ingest: listing"):
+    with progress(spark, "ingest: listing", counter=listed_n if job.input_list is None else None, unit="files listed"):
         counted = executor_listing.count(listed)
     timings["list_s"] = round(time.perf_counter() - t, 3)
     log.info("ingest: %d files under %s, listed on executors (%.1fs)", counted.files,
@@ -268,6 +272,7 @@ def _extract_on_executors(job: _Job, prior: Optional[_Prior], held: contextlib.E
         raise ConfigError(f"--input-list {job.input_list}: {counted.bad_splits} rows have a split other than "
                           f"{', '.join(layout.SPLIT_ORDER)}: fix them or leave the split empty (then it is hashed)")
     max_bytes = icfg.max_file_mb * 1024 * 1024
+    cleaned = spark.sparkContext.accumulator(0)
     to_read, skip, n, nbytes = listed, None, counted.files, counted.bytes
     at = (unchanged.cutoff(icfg, prior.manifest.listed_at, job.input_uri)
           if prior is not None and job.input_list is None else None)
@@ -284,11 +289,11 @@ def _extract_on_executors(job: _Job, prior: Optional[_Prior], held: contextlib.E
     carve = _carve(job, prior)
     fn = executor_listing.read_and_clean(ImageOptions.from_config(icfg), max_bytes=max_bytes, root_uri=job.input_uri,
                                 label_source=icfg.label_source, fractions=icfg.split_fractions, seed=icfg.seed,
-                                carve=carve, fault=job.fault)
+                                carve=carve, fault=job.fault, counter=cleaned)
     tasks = executor_listing.read_tasks(n, nbytes, slots)
     processed = to_read.repartition(tasks, "source_path").mapInPandas(fn, extract.PROCESSED_DDL)
     return _Scan(extract.Listing(None, None, counted.files, counted.bytes), processed, carve is not None, slots,
-                 started, skip)
+                 started, skip, cleaned)
 
 
 def _skip_plan(job: _Job, prior: Optional[_Prior], listing: extract.Listing, held: contextlib.ExitStack,
@@ -350,7 +355,8 @@ def _account(job: _Job, prior: Optional[_Prior], scan: _Scan, resolved: "DataFra
     resolved = _persisted(held, resolved, StorageLevel.MEMORY_AND_DISK)
     t = time.perf_counter()
     set_job_description(spark, f"ingest: clean {listing.files_seen} files and group near-duplicates")
-    with progress(spark, f"ingest: cleaning {listing.files_seen} files"):
+    with progress(spark, f"ingest: cleaning {listing.files_seen} files", counter=scan.cleaned,
+                  total=scan.skip.files if scan.skip is not None else listing.files_seen, unit="files cleaned"):
         resolved, near, pairs = quality.apply(resolved, job.cfg, prior.images if prior is not None else None,
                                               rows_at_most=listing.files_seen + (prior.manifest.accepted if prior else 0),
                                               on_executors=job.on_executors)

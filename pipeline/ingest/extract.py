@@ -104,10 +104,12 @@ def clean_batches(
     seed: int,
     carve: Optional[Mapping[str, float]] = None,
     fault: Optional[faults.FaultPlan] = None,
+    counter: Any = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The ``mapInPandas`` function: ``(path, content)`` batches -> :data:`PROCESSED_DDL` batches.
 
-    ``fault`` is the driver's :func:`pipeline.faults.armed` plan (tests only), carried in the closure.
+    ``fault`` is the driver's :func:`pipeline.faults.armed` plan (tests only), carried in the closure;
+    ``counter`` an accumulator each batch adds its file count to (progress, :func:`pipeline.spark.progress`).
     """
     where = dict(root_uri=root_uri, label_source=label_source, fractions=dict(fractions), seed=seed, carve=carve)
 
@@ -121,6 +123,8 @@ def clean_batches(
                     continue
                 for k, v in clean_one(path, content, opts, label_source, where).items():
                     rows[k].append(v)
+            if counter is not None:
+                counter.add(len(pdf))
             yield frame(rows)
 
     return fn

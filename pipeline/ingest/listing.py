@@ -102,13 +102,16 @@ def _subfolders_fn(folders: Sequence[str]) -> Callable[[Iterator[pd.DataFrame]],
     return fn
 
 
-def _list_fn(units: Sequence[Tuple[str, bool]], per_task: int,
+def _list_fn(units: Sequence[Tuple[str, bool]], per_task: int, counter: Any = None,
              ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """``mapInPandas`` over ``spark.range``: id ``k`` lists ``units[k*per_task:(k+1)*per_task]``
-    (``(folder, recursive)``); yields :data:`LISTING_DDL` frames of at most ``_CHUNK`` rows."""
+    (``(folder, recursive)``); yields :data:`LISTING_DDL` frames of at most ``_CHUNK`` rows
+    (their row counts added to the accumulator ``counter``, when given: progress)."""
     units = list(units)
 
     def frame(rows: List[Tuple[str, int, Any]]) -> pd.DataFrame:
+        if counter is not None:
+            counter.add(len(rows))
         return pd.DataFrame({
             "source_path": [r[0] for r in rows],
             "size": pd.array([r[1] for r in rows], dtype="Int64"),
@@ -165,8 +168,10 @@ def shards(spark: "SparkSession", root_uri: str, *, want: int, max_depth: int = 
     return flat, frontier
 
 
-def list_files(spark: "SparkSession", root_uri: str, *, slots: int) -> Tuple["DataFrame", int]:
-    """The listing frame (:data:`LISTING_DDL`, not yet run) and the number of folders it is spread over."""
+def list_files(spark: "SparkSession", root_uri: str, *, slots: int, counter: Any = None) -> Tuple["DataFrame", int]:
+    """The listing frame (:data:`LISTING_DDL`, not yet run) and the number of folders it is spread over.
+
+    ``counter``: an accumulator the listing tasks add their file counts to (progress)."""
     check_supported(root_uri)
     flat, deep = shards(spark, root_uri, want=4 * max(1, slots))
     units = [(f, False) for f in flat] + [(d, True) for d in deep]
@@ -174,7 +179,7 @@ def list_files(spark: "SparkSession", root_uri: str, *, slots: int) -> Tuple["Da
     tasks = -(-len(units) // per_task)
     log.info("ingest: listing on executors: %d folders expanded on the way, %d listed whole, in %d tasks",
              len(flat), len(deep), tasks)
-    return spark.range(0, tasks, 1, tasks).mapInPandas(_list_fn(units, per_task), LISTING_DDL), len(units)
+    return spark.range(0, tasks, 1, tasks).mapInPandas(_list_fn(units, per_task, counter), LISTING_DDL), len(units)
 
 
 def from_list(spark: "SparkSession", list_uri: str, root_uri: str) -> "DataFrame":
@@ -255,8 +260,10 @@ def read_and_clean(
     seed: int,
     carve: Optional[Mapping[str, float]] = None,
     fault: Optional[faults.FaultPlan] = None,
+    counter: Any = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The ``mapInPandas`` function: :data:`LISTING_DDL` batches -> ``PROCESSED_DDL`` batches, one row each."""
+    """The ``mapInPandas`` function: :data:`LISTING_DDL` batches -> ``PROCESSED_DDL`` batches, one row each
+    (each batch's row count added to the accumulator ``counter``, when given: progress)."""
     where = dict(root_uri=root_uri, label_source=label_source, fractions=dict(fractions), seed=seed, carve=carve)
     empty_id = imc.image_id(b"")
 
@@ -275,6 +282,8 @@ def read_and_clean(
                     path, data, opts, label_source, where, label=_str(label), split=_str(split))
                 for k, v in row.items():
                     rows[k].append(v)
+            if counter is not None:
+                counter.add(len(pdf))
             yield extract.frame(rows)
 
     return fn
