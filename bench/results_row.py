@@ -20,6 +20,7 @@ SECOND = {"ingest": [("ratio_fashion", ">=", 0.8), ("ratio_photos", ">=", 0.8)],
                      ("png_224_images_per_s_per_core", ">=", 300.0), ("ratio_jpeg_224_vs_baseline", ">=", 0.8),
                      ("ratio_png_224_vs_baseline", ">=", 0.8)],
           "train": [("launch_overhead_s", "<=", 15.0)],
+          "scale": [("first_task_s_1m", "<=", 30.0), ("ratio_images_per_s", ">=", 0.9)],
           "score": [("vs_naive", ">=", 20.0)],
           "peers": [("ratio_vs_ray_fashion", ">=", 1.0), ("ratio_vs_ray_photos", ">=", 1.0),
                     ("ratio_vs_daft_photos", ">=", 0.5), ("ratio_vs_daft_fashion", ">=", 0.25)]}
