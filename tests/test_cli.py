@@ -24,7 +24,7 @@ def test_unknown_stage_is_one_line(capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["ingest", "--output", "/tmp/x"], "--input"),
+        (["ingest", "--output", "/tmp/x"], "needs --input (a folder of images) or --input-list"),
         (["ingest", "--input", "a", "--output", "b", "--mode", "replace"], "invalid choice: 'replace'"),
         (["train", "--data", "a", "--model-dir", "b", "--num-proc", "two"], "invalid int value"),
         (["score", "--data", "a", "--model", "m", "--output", "o", "--bogus"], "unrecognized arguments"),
