@@ -137,7 +137,7 @@ def stage_values(stage: str, params: Mapping[str, Any], dag_run: Any) -> Dict[st
     """The DAG params as ``pixelmill <stage>`` option values (see :func:`render_flags`)."""
     uris = stage_uris(params, dag_run)
     if stage == "ingest":
-        values = {"input": params["input_uri"], "output": uris["ingest"]}
+        values = {"input": params["input_uri"], "input_list": params.get("input_list"), "output": uris["ingest"]}
     elif stage == "train":
         values = {"data": uris["ingest"], "model_dir": uris["model"], "num_proc": params["num_proc"],
                   "epochs": params.get("epochs")}

@@ -26,6 +26,9 @@ def dag_params() -> Dict[str, Param]:
     return {
         "input_uri": Param(os.environ.get("PIXELMILL_INPUT_URI", "file:///data/pixelmill/raw"), type="string",
                            minLength=1, description="raw images: <input>/[<split>/]<label>/.../<file>"),
+        "input_list": Param(None, type=["null", "string"],
+                            description="a Parquet/CSV list of path[,label[,split]] to ingest instead of listing "
+                                        "input_uri (relative paths are below input_uri)"),
         "output_root": Param(os.environ.get("PIXELMILL_OUTPUT_ROOT", "file:///data/pixelmill/runs"),
                              type="string", minLength=1,
                              description="ingest/, models/, predictions/ go below, one run=<key> folder per run"),

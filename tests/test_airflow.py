@@ -134,7 +134,7 @@ def test_tasks_are_chained_with_retries_backoff_and_timeouts(parsed):
         "train": {**common, "downstream": ["score"], "timeout_s": 43200.0, "application": str(REPO / "jobs/train.py")},
         "score": {**common, "downstream": [], "timeout_s": 7200.0, "application": str(REPO / "jobs/score.py")},
     }
-    assert parsed["params"] == sorted(["input_uri", "output_root", "model_root", "num_proc", "epochs", "score_split", "config_files",
+    assert parsed["params"] == sorted(["input_uri", "input_list", "output_root", "model_root", "num_proc", "epochs", "score_split", "config_files",
                                        "overrides", "archives", "executor_python", "driver_python"])
     assert parsed["max_active_runs"] == 1
     assert parsed["catchup"] is False
@@ -207,7 +207,8 @@ RUN = SimpleNamespace(run_after=datetime(2026, 11, 28, 15, 30, 5, tzinfo=timezon
 
 @pytest.mark.parametrize("stage", cli.STAGES)
 @pytest.mark.parametrize("changes", [{}, {"epochs": 3, "model_root": "hdfs:///models/", "score_split": "unlabeled",
-                                          "config_files": [], "overrides": []}], ids=["defaults", "every-option"])
+                                          "config_files": [], "overrides": [], "input_list": "s3a://b/lists/new.parquet"}],
+                         ids=["defaults", "every-option"])
 def test_rendered_flags_parse_back_to_the_same_values(stage, changes):
     params = dict(PARAMS, **changes)
     values = orch.stage_values(stage, params, RUN)
