@@ -13,7 +13,8 @@ it (one cold ``python -m pipeline ingest`` process, start-up included):
   photos in): the append finds them by path, the other 99% are unchanged since the listing.
 
 With ``BENCH_APPEND_INPUT=folder`` the append's ``--input`` is a folder holding only the new
-files (same class-folder layout), as when new photos land in a drop folder.
+files (same class-folder layout), as when new photos land in a drop folder. With
+``BENCH_APPEND_LISTING=executors`` every run lists and reads on executors (``ingest.listing``).
 
 Rounds alternate full and append (``BENCH_REPEATS``, default 3). ``ratio`` = median append
 wall time / median full wall time (target <= 0.10). Also printed: the stage timings of the
@@ -39,6 +40,8 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 NEW_FRACTION = 0.01
 #: ``whole`` (default): append the whole input; ``folder``: append only a folder holding the new files.
 FROM_FOLDER = os.environ.get("BENCH_APPEND_INPUT", "whole") == "folder"
+#: ``ingest.listing`` of every run (``spark`` or ``executors``).
+LISTING = os.environ.get("BENCH_APPEND_LISTING", "spark")
 
 
 def _export() -> Path:
@@ -51,7 +54,8 @@ def _export() -> Path:
 
 def _ingest(src: Path, out: Path, mode: str) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "pipeline", "ingest", "--input", str(src), "--output", str(out), "--mode", mode,
-           "--config", "local.yaml", "--config", "fashion_mnist.yaml", "--set", "spark.ui_enabled=false"]
+           "--config", "local.yaml", "--config", "fashion_mnist.yaml", "--set", "spark.ui_enabled=false",
+           "--set", f"ingest.listing={LISTING}"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t
@@ -96,6 +100,7 @@ def main() -> int:
         walls["append"].append(last["wall_s"])
     full, append = statistics.median(walls["full"]), statistics.median(walls["append"])
     result = {"bench": "append", "ratio": round(append / full, 3), "append_input": "folder" if FROM_FOLDER else "whole",
+              "listing": LISTING,
               "full_s": walls["full"],
               "append_s": walls["append"], "files": last["files_seen"], "new_files": len(held),
               "files_read": last["run"].get("files_read"), "written": last.get("written"),
