@@ -226,7 +226,7 @@ def _extract(job: _Job, prior: Optional[_Prior], held: contextlib.ExitStack, tim
     held.enter_context(temporary_confs(
         spark, extract.scan_confs(listing.files_seen, listing.input_bytes, slots, icfg.batch_rows)))
     max_bytes = icfg.max_file_mb * 1024 * 1024
-    skip = _skip_plan(job, prior, listing, held, timings, max_bytes=max_bytes)
+    skip = _skip_plan(job, prior, extract.listed_files(listing.raw), held, timings, max_bytes=max_bytes)
     if skip is not None:
         held.enter_context(temporary_confs(
             spark, extract.scan_confs(skip.files, skip.bytes, slots, icfg.batch_rows)))
@@ -252,15 +252,16 @@ def _extract_on_executors(job: _Job, prior: Optional[_Prior], held: contextlib.E
     t = time.perf_counter()
     started = unchanged.listed_at()
     slots = task_slots(spark)
-    listed_n = spark.sparkContext.accumulator(0)
+    listed_n = None
     if job.input_list is not None:
         set_job_description(spark, f"ingest: read the path list {job.input_list}")
         listed = executor_listing.from_list(spark, job.input_list, job.input_uri)
     else:
         set_job_description(spark, f"ingest: list {job.input_uri} on executors")
+        listed_n = spark.sparkContext.accumulator(0)
         listed, _ = executor_listing.list_files(spark, job.input_uri, slots=slots, counter=listed_n)
     listed = _persisted(held, listed, StorageLevel.MEMORY_AND_DISK)
-    with progress(spark, "ingest: listing", counter=listed_n if job.input_list is None else None, unit="files listed"):
+    with progress(spark, "ingest: listing", counter=listed_n, unit="files listed"):
         counted = executor_listing.count(listed)
     timings["list_s"] = round(time.perf_counter() - t, 3)
     log.info("ingest: %d files under %s, listed on executors (%.1fs)", counted.files,
@@ -273,18 +274,11 @@ def _extract_on_executors(job: _Job, prior: Optional[_Prior], held: contextlib.E
                           f"{', '.join(layout.SPLIT_ORDER)}: fix them or leave the split empty (then it is hashed)")
     max_bytes = icfg.max_file_mb * 1024 * 1024
     cleaned = spark.sparkContext.accumulator(0)
-    to_read, skip, n, nbytes = listed, None, counted.files, counted.bytes
-    at = (unchanged.cutoff(icfg, prior.manifest.listed_at, job.input_uri)
-          if prior is not None and job.input_list is None else None)
-    if at is not None:
-        tt = time.perf_counter()
-        set_job_description(spark, "ingest: find the files unchanged since the last ingest")
-        stored = prior.images.select("source_path").unionByName(prior.rejects.select("source_path"))
-        skip = unchanged.plan(listed.withColumn("file_path", F.col("source_path")), stored, at, max_bytes=max_bytes,
-                              persist=lambda df: _persisted(held, df, StorageLevel.MEMORY_AND_DISK), named=False)
-        timings["unchanged_s"] = round(time.perf_counter() - tt, 3)
-        if skip is not None:
-            to_read, n, nbytes = skip.to_read, skip.files, skip.bytes
+    to_read, n, nbytes = listed, counted.files, counted.bytes
+    skip = _skip_plan(job, prior, listed.withColumn("file_path", F.col("source_path")), held, timings,
+                      max_bytes=max_bytes, named=False)
+    if skip is not None:
+        to_read, n, nbytes = skip.to_read, skip.files, skip.bytes
     held.enter_context(temporary_confs(spark, extract.scan_confs(n, nbytes, slots, icfg.batch_rows)))
     carve = _carve(job, prior)
     fn = executor_listing.read_and_clean(ImageOptions.from_config(icfg), max_bytes=max_bytes, root_uri=job.input_uri,
@@ -296,12 +290,16 @@ def _extract_on_executors(job: _Job, prior: Optional[_Prior], held: contextlib.E
                  started, skip, cleaned)
 
 
-def _skip_plan(job: _Job, prior: Optional[_Prior], listing: extract.Listing, held: contextlib.ExitStack,
-               timings: Dict[str, float], *, max_bytes: int) -> Optional[unchanged.Plan]:
-    """On append after an ingest of the same input: the files not to read (:mod:`.unchanged`), else None."""
+def _skip_plan(job: _Job, prior: Optional[_Prior], listed: "DataFrame", held: contextlib.ExitStack,
+               timings: Dict[str, float], *, max_bytes: int, named: bool = True) -> Optional[unchanged.Plan]:
+    """On append after an ingest of the same input: the files not to read (:mod:`.unchanged`), else None.
+
+    ``listed``: the listing's ``file_path, source_path, mtime, size`` rows; ``named`` as in
+    :func:`.unchanged.plan`. A path manifest's files are always read.
+    """
     from pyspark import StorageLevel
 
-    if prior is None:
+    if prior is None or job.input_list is not None:
         return None
     at = unchanged.cutoff(job.cfg, prior.manifest.listed_at, job.input_uri)
     if at is None:
@@ -309,8 +307,8 @@ def _skip_plan(job: _Job, prior: Optional[_Prior], listing: extract.Listing, hel
     t = time.perf_counter()
     set_job_description(job.spark, "ingest: find the files unchanged since the last ingest")
     stored = prior.images.select("source_path").unionByName(prior.rejects.select("source_path"))
-    skip = unchanged.plan(extract.listed_files(listing.raw), stored, at, max_bytes=max_bytes,
-                          persist=lambda df: _persisted(held, df, StorageLevel.MEMORY_AND_DISK))
+    skip = unchanged.plan(listed, stored, at, max_bytes=max_bytes,
+                          persist=lambda df: _persisted(held, df, StorageLevel.MEMORY_AND_DISK), named=named)
     timings["unchanged_s"] = round(time.perf_counter() - t, 3)
     return skip
 

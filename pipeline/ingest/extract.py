@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import pandas as pd  # module level: mapInPandas functions are resolved against module globals
 
@@ -112,16 +112,34 @@ def clean_batches(
     ``counter`` an accumulator each batch adds its file count to (progress, :func:`pipeline.spark.progress`).
     """
     where = dict(root_uri=root_uri, label_source=label_source, fractions=dict(fractions), seed=seed, carve=carve)
+    return per_file_batches(lambda pdf: zip(pdf["path"].tolist(), pdf["content"].tolist()),
+                            lambda path, content: clean_one(path, content, opts, label_source, where),
+                            fault=fault, counter=counter)
+
+
+def per_file_batches(
+    items: Callable[[pd.DataFrame], Iterable[Tuple[Any, ...]]],
+    row: Callable[..., Dict[str, Any]],
+    *,
+    fault: Optional[faults.FaultPlan],
+    counter: Any,
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """The ``mapInPandas`` loop every reader of the input shares: each batch's ``items(pdf)``, each
+    made a :data:`PROCESSED_DDL` row by ``row(*item)``, as one frame per batch.
+
+    Also the ``ingest.batch`` fault point (``drop_row`` drops the batch's first item unread) and
+    the progress accumulator ``counter`` (each batch adds its row count), when given.
+    """
 
     def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
             drop = faults.fire(fault, "ingest.batch")
             rows: Dict[str, List[Any]] = {c: [] for c in COLUMNS}
-            for path, content in zip(pdf["path"].tolist(), pdf["content"].tolist()):
+            for item in items(pdf):
                 if drop:
                     drop = False
                     continue
-                for k, v in clean_one(path, content, opts, label_source, where).items():
+                for k, v in row(*item).items():
                     rows[k].append(v)
             if counter is not None:
                 counter.add(len(pdf))

@@ -266,27 +266,17 @@ def read_and_clean(
     (each batch's row count added to the accumulator ``counter``, when given: progress)."""
     where = dict(root_uri=root_uri, label_source=label_source, fractions=dict(fractions), seed=seed, carve=carve)
     empty_id = imc.image_id(b"")
+    fs: Dict[str, ArrowFS] = {}  # per scheme, filled on the executor
 
-    def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        fs: Dict[str, ArrowFS] = {}
-        for pdf in batches:
-            drop = faults.fire(fault, "ingest.batch")
-            rows: Dict[str, List[Any]] = {c: [] for c in extract.COLUMNS}
-            for path, size, label, split in zip(pdf["source_path"].tolist(), pdf["size"].tolist(),
-                                                pdf["label"].tolist(), pdf["split"].tolist()):
-                if drop:
-                    drop = False
-                    continue
-                rejected, data = _fetch(fs, path, None if pd.isna(size) else int(size), max_bytes, empty_id)
-                row = rejected if rejected is not None else extract.clean_one(
-                    path, data, opts, label_source, where, label=_str(label), split=_str(split))
-                for k, v in row.items():
-                    rows[k].append(v)
-            if counter is not None:
-                counter.add(len(pdf))
-            yield extract.frame(rows)
+    def row(path: str, size: Any, label: Any, split: Any) -> Dict[str, Any]:
+        rejected, data = _fetch(fs, path, None if pd.isna(size) else int(size), max_bytes, empty_id)
+        return rejected if rejected is not None else extract.clean_one(
+            path, data, opts, label_source, where, label=_str(label), split=_str(split))
 
-    return fn
+    return extract.per_file_batches(
+        lambda pdf: zip(pdf["source_path"].tolist(), pdf["size"].tolist(), pdf["label"].tolist(),
+                        pdf["split"].tolist()),
+        row, fault=fault, counter=counter)
 
 
 def _fetch(fs: Dict[str, ArrowFS], path: str, size: Optional[int], max_bytes: int,
